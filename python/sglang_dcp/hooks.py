@@ -1,0 +1,95 @@
+"""Every place where sglang-dcp touches SGLang 0.5.14, as one table of HookRegistry hooks.
+
+Each hook is a no-op pass-through unless ``--dcp-size`` > 1. SGLang only logs a hook that
+fails to apply, so ``require_hooks_applied`` checks the table against the registry and
+raises; it runs in the launching process (``DCPServerArgs``) and in every scheduler
+process (when the DCP group is created).
+"""
+
+import contextlib
+from typing import NamedTuple, Union
+
+from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+from sglang_dcp.distributed.parallel_state import (
+    dcp_graph_capture,
+    dcp_is_initialized,
+    destroy_dcp_group,
+    initialize_dcp_group,
+)
+from sglang_dcp.layers.attention.registry import create_dcp_attention_backend
+from sglang_dcp.model_executor.kv_cache import init_pools_with_dcp
+from sglang_dcp.server_args import DCPServerArgs
+
+_MODEL_RUNNER = "sglang.srt.model_executor.model_runner.ModelRunner"
+
+
+def create_dcp_group(_result, runner):
+    if runner.server_args.dcp_size > 1:
+        require_hooks_applied()
+        initialize_dcp_group(runner.server_args.dcp_size)
+
+
+def destroy_dcp_group_after(_result, *args, **kwargs):
+    destroy_dcp_group()
+
+
+@contextlib.contextmanager
+def graph_capture_with_dcp(original_graph_capture, *args, **kwargs):
+    with original_graph_capture(*args, **kwargs) as context:
+        with dcp_graph_capture(context) if dcp_is_initialized() else contextlib.nullcontext():
+            yield context
+
+
+def attention_backend_from_str(original, runner, backend_str, init_new_workspace=False):
+    if runner.server_args.dcp_size == 1:
+        return original(runner, backend_str, init_new_workspace)
+    runner.init_new_workspace = init_new_workspace
+    return create_dcp_attention_backend(backend_str, runner)
+
+
+def no_fused_kv_store_with_dcp(original, forward_batch):
+    """The fused RoPE + KV store writes raw logical slots; DCP writes owned rows only."""
+    return False if dcp_is_initialized() else original(forward_batch)
+
+
+class Hook(NamedTuple):
+    target: str
+    hook: Union[type, callable]
+    kind: HookType
+    why: str
+
+
+HOOKS = (
+    Hook("sglang.srt.server_args.ServerArgs", DCPServerArgs, HookType.REPLACE,
+         "--dcp-size flag, validation, logical page size"),
+    Hook("sglang.srt.entrypoints.engine.Engine.server_args_class", DCPServerArgs,
+         HookType.REPLACE, "sglang.Engine(dcp_size=...)"),
+    Hook(f"{_MODEL_RUNNER}.init_torch_distributed", create_dcp_group, HookType.AFTER,
+         "create the DCP process groups"),
+    Hook("sglang.srt.distributed.parallel_state.destroy_model_parallel",
+         destroy_dcp_group_after, HookType.AFTER, "tear the DCP group down"),
+    Hook("sglang.srt.distributed.parallel_state.graph_capture", graph_capture_with_dcp,
+         HookType.AROUND, "DCP collectives inside CUDA graphs"),
+    Hook("sglang.srt.model_executor.model_runner_kv_cache_mixin.ModelRunnerKVCacheMixin._init_pools",
+         init_pools_with_dcp, HookType.AROUND, "physical pool, logical allocator and capacity"),
+    Hook(f"{_MODEL_RUNNER}._get_attention_backend_from_str", attention_backend_from_str,
+         HookType.AROUND, "DCP attention backends"),
+    Hook("sglang.srt.models.utils.enable_fused_set_kv_buffer", no_fused_kv_store_with_dcp,
+         HookType.AROUND, "no fused RoPE + KV store under DCP"),
+)
+
+
+def register() -> None:
+    """Entry point of group ``sglang.srt.plugins``: register every hook of the table."""
+    for hook in HOOKS:
+        HookRegistry.register(hook.target, hook.hook, hook.kind)
+
+
+def require_hooks_applied() -> None:
+    missing = [hook.target for hook in HOOKS if hook.target not in HookRegistry._patched]
+    if missing:
+        raise RuntimeError(
+            "sglang-dcp: these SGLang hooks did not apply (see the 'Failed to apply hooks' "
+            f"log above; sglang must be 0.5.14): {', '.join(missing)}"
+        )

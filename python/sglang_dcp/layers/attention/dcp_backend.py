@@ -1,0 +1,85 @@
+"""One DCP attention code path; subclasses supply only the partial-attention kernels.
+
+Per layer, on DCP rank ``r`` of a group of ``D`` ranks that hold the same KV head:
+
+* KV write: logical slot ``loc`` goes to row ``loc // D`` if ``loc % D == r``, else to
+  the dump row (``layout.local_write_rows``).
+* Decode: all-gather Q over the group along heads (``Hq -> D*Hq``), partial attention with
+  LSE over the tokens stored here, ``dcp_merge`` (LSE all-gather, scale, reduce-scatter
+  back to the ``Hq`` heads of this rank).
+* Extend: the new tokens attend causally to their own K/V with this rank's ``Hq`` heads
+  (every rank has them); if any request has a cached prefix, gathered Q attends
+  non-causally to the prefix tokens stored here, ``dcp_merge`` combines the group, and
+  ``merge_states`` combines the two parts. A prefill without prefix communicates nothing.
+
+Subclasses implement ``init_forward_metadata`` and the three ``partial_*`` kernels, each
+returning ``(o [T, H, dv], lse [T, H])`` with LSE in base ``lse_base``.
+"""
+
+from typing import Tuple
+
+import torch
+
+from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
+from sglang.srt.mem_cache.memory_pool import KVWriteLoc
+
+from sglang_dcp.distributed.parallel_state import all_gather_along_dim, get_dcp_group
+from sglang_dcp.layers.attention.merge import dcp_merge, merge_states
+from sglang_dcp.mem_cache.layout import local_write_rows
+
+
+class DCPAttnBackend(AttentionBackend):
+    lse_base: float
+
+    def __init__(self, model_runner):
+        super().__init__()
+        self.dcp_group = get_dcp_group()
+        self.dcp_size = self.dcp_group.world_size
+        self.dcp_rank = self.dcp_group.rank_in_group
+        self.device = model_runner.device
+        self.req_to_token = model_runner.req_to_token_pool.req_to_token
+        self.token_to_kv_pool = model_runner.token_to_kv_pool
+
+    # ---- kernels supplied by a subclass -------------------------------------------
+    def partial_decode(self, q_all, layer, forward_batch) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Gathered ``q_all [B, D*Hq, d]`` over the tokens stored on this rank."""
+        raise NotImplementedError()
+
+    def partial_extend_new(self, q, k, v, layer, forward_batch) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Own heads ``q [T, Hq, d]``, causal over the batch's new tokens ``k, v [T, Hkv, d]``."""
+        raise NotImplementedError()
+
+    def partial_extend_prefix(self, q_all, layer, forward_batch) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Gathered ``q_all [T, D*Hq, d]``, non-causal over the prefix tokens stored here."""
+        raise NotImplementedError()
+
+    # ---- the DCP path ---------------------------------------------------------------
+    def write_kv(self, layer, forward_batch, k, v) -> None:
+        rows = local_write_rows(forward_batch.out_cache_loc, self.dcp_size, self.dcp_rank)
+        self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(rows), k, v)
+
+    def gather_heads(self, q: torch.Tensor, layer) -> torch.Tensor:
+        q = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
+        return all_gather_along_dim(self.dcp_group, q, dim=1)
+
+    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        if save_kv_cache and k is not None:
+            self.write_kv(layer, forward_batch, k, v)
+        o, lse = self.partial_decode(self.gather_heads(q, layer), layer, forward_batch)
+        o, _ = dcp_merge(self.dcp_group, o, lse, self.lse_base)
+        return o.to(q.dtype).reshape(-1, layer.tp_q_head_num * layer.v_head_dim)
+
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        if save_kv_cache and k is not None:
+            self.write_kv(layer, forward_batch, k, v)
+        q_own = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
+        k = k.reshape(-1, layer.tp_k_head_num, layer.qk_head_dim)
+        v = v.reshape(-1, layer.tp_v_head_num, layer.v_head_dim)
+        o, lse = self.partial_extend_new(q_own, k, v, layer, forward_batch)
+        if any(forward_batch.extend_prefix_lens_cpu):
+            o_pre, lse_pre = self.partial_extend_prefix(
+                self.gather_heads(q, layer), layer, forward_batch
+            )
+            o_pre, lse_pre = dcp_merge(self.dcp_group, o_pre, lse_pre, self.lse_base)
+            o, lse = merge_states([o, o_pre], [lse, lse_pre], self.lse_base)
+        return o.to(q.dtype).reshape(-1, layer.tp_q_head_num * layer.v_head_dim)

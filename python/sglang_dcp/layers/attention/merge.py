@@ -1,0 +1,99 @@
+"""Merging partial attention results by their log-sum-exp (online softmax).
+
+A partial result over a key subset ``S_i`` is ``(o_i, lse_i)`` with
+``lse_i = log_b sum_{k in S_i} b^{s_k}`` (``b`` = 2 for FlashInfer, e for PyTorch) and
+``o_i = sum_{k in S_i} b^{s_k - lse_i} v_k``. Over the union,
+``lse = log_b sum_i b^{lse_i}`` and ``o = sum_i w_i o_i`` with ``w_i = b^{lse_i - lse}``.
+An empty subset has ``lse_i = -inf`` and weight 0; if every subset is empty the merged
+``lse`` is ``-inf`` and every weight is 0.
+
+``dcp_merge`` applies this across a DCP group: every rank scales its own partial output
+by its weight (the only device-specific step: a fused Triton kernel on CUDA, PyTorch
+elsewhere) and one reduce-scatter over the heads sums the scaled parts, handing each rank
+the heads it owns.
+"""
+
+import math
+from typing import Sequence, Tuple
+
+import torch
+
+from sglang_dcp.distributed.parallel_state import (
+    all_gather_along_dim,
+    reduce_scatter_along_dim,
+)
+
+LOG2_E = math.log2(math.e)
+
+
+def to_base2(lse: torch.Tensor, lse_base: float) -> torch.Tensor:
+    """``lse`` as a float32 base-2 log-sum-exp (``log2(x) = ln(x) * log2(e)``)."""
+    lse = lse.float()
+    return lse if lse_base == 2.0 else lse * math.log2(lse_base)
+
+
+def from_base2(lse2: torch.Tensor, lse_base: float) -> torch.Tensor:
+    return lse2 if lse_base == 2.0 else lse2 / math.log2(lse_base)
+
+
+def lse_weights(lse2: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Weights ``w_i = 2^(lse_i - lse)`` and merged ``lse`` for base-2 ``lse2 [N, ...]``.
+
+    Returns ``(w [N, ...], lse [...])`` in float32; ``-inf`` entries get weight 0.
+    """
+    lse_max = lse2.amax(dim=0)
+    finite_max = torch.where(torch.isinf(lse_max), torch.zeros_like(lse_max), lse_max)
+    unnormalized = torch.exp2(lse2 - finite_max)
+    total = unnormalized.sum(dim=0)
+    weights = torch.nan_to_num(unnormalized / total, nan=0.0)
+    return weights, finite_max + torch.log2(total)
+
+
+def scale_own_partial_torch(
+    o: torch.Tensor, lse2_all: torch.Tensor, rank: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch reference of the DCP correction step.
+
+    ``o [T, H, dv]`` is this rank's partial output, ``lse2_all [D, T, H]`` every rank's
+    base-2 LSE. Returns ``(w_rank * o`` in float32, merged base-2 ``lse [T, H])``.
+    """
+    weights, lse2 = lse_weights(lse2_all)
+    return o.float() * weights[rank].unsqueeze(-1), lse2
+
+
+def scale_own_partial(
+    o: torch.Tensor, lse2_all: torch.Tensor, rank: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The DCP correction step: fused Triton kernel on CUDA, PyTorch elsewhere."""
+    if o.is_cuda:
+        from sglang_dcp.layers.attention.triton_merge import scale_own_partial_triton
+
+        return scale_own_partial_triton(o, lse2_all, rank)
+    return scale_own_partial_torch(o, lse2_all, rank)
+
+
+def dcp_merge(
+    group, o: torch.Tensor, lse: torch.Tensor, lse_base: float
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Merge the group's partial attention over disjoint token shards.
+
+    ``o [T, D*Hq, dv]`` and ``lse [T, D*Hq]`` are this rank's results for the gathered
+    heads (rank-major: rank ``r`` owns heads ``[r*Hq, (r+1)*Hq)``). Returns the merged
+    ``o [T, Hq, dv]`` (float32) and ``lse [T, Hq]`` (``lse_base``) of this rank's heads.
+    """
+    rank = group.rank_in_group
+    lse2_all = all_gather_along_dim(group, to_base2(lse, lse_base).unsqueeze(0), dim=0)
+    scaled, lse2 = scale_own_partial(o, lse2_all, rank)
+    merged = reduce_scatter_along_dim(group, scaled, dim=1)
+    own_heads = lse2.shape[1] // group.world_size
+    own_lse2 = lse2[:, rank * own_heads : (rank + 1) * own_heads]
+    return merged, from_base2(own_lse2, lse_base)
+
+
+def merge_states(
+    outputs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor], lse_base: float
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Merge local partial results ``(o_i [T, H, dv], lse_i [T, H])``; float32 output."""
+    weights, lse2 = lse_weights(torch.stack([to_base2(x, lse_base) for x in lses]))
+    merged = sum(w.unsqueeze(-1) * o.float() for w, o in zip(weights, outputs))
+    return merged, from_base2(lse2, lse_base)

@@ -1,0 +1,89 @@
+"""DCP on SGLang's torch_native backend: PyTorch partial-attention kernels (CPU).
+
+Each kernel loops over the requests of the batch and calls ``attention_with_lse``; K/V
+of cached tokens are read from this rank's physical rows (``layout.local_token_rows``).
+"""
+
+import math
+from typing import List, Tuple
+
+import torch
+
+from sglang_dcp.layers.attention.dcp_backend import DCPAttnBackend
+from sglang_dcp.mem_cache.layout import local_token_rows
+
+
+def attention_with_lse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    causal: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of ``q [Tq, Hq, d]`` over ``k [Tk, Hkv, d], v [Tk, Hkv, dv]``.
+
+    Query head ``h`` reads KV head ``h // (Hq / Hkv)``; ``causal`` (``Tq == Tk``) lets
+    query ``i`` see keys ``<= i``. Returns float32 ``o [Tq, Hq, dv]`` and natural-log
+    ``lse [Tq, Hq]``; with no keys, ``o = 0`` and ``lse = -inf``.
+    """
+    num_q, num_heads = q.shape[0], q.shape[1]
+    if k.shape[0] == 0:
+        return (
+            q.new_zeros((num_q, num_heads, v.shape[-1]), dtype=torch.float32),
+            q.new_full((num_q, num_heads), -math.inf, dtype=torch.float32),
+        )
+    group = num_heads // k.shape[1]
+    k = k.float().repeat_interleave(group, dim=1)
+    v = v.float().repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q.float(), k) * scale
+    if causal:
+        future = torch.ones(num_q, k.shape[0], dtype=torch.bool, device=q.device).triu(1)
+        scores.masked_fill_(future, -math.inf)
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse.unsqueeze(-1))
+    return torch.einsum("hqk,khd->qhd", probs, v), lse.transpose(0, 1)
+
+
+class TorchNativeDCPAttnBackend(DCPAttnBackend):
+    lse_base = math.e
+
+    def __init__(self, model_runner):
+        super().__init__(model_runner)
+        self.local_rows: List[torch.Tensor] = []
+
+    def support_triton(self):
+        return False
+
+    def init_forward_metadata(self, forward_batch):
+        """Rows of the tokens stored here: all cached tokens (decode) or the prefix (extend)."""
+        if forward_batch.forward_mode.is_decode_or_idle():
+            cached_lens = forward_batch.seq_lens_cpu.tolist()
+        else:
+            cached_lens = forward_batch.extend_prefix_lens_cpu
+        self.local_rows = [
+            local_token_rows(self.req_to_token[req], length, self.dcp_size, self.dcp_rank)
+            for req, length in zip(forward_batch.req_pool_indices.tolist(), cached_lens)
+        ]
+
+    def _attend_cached(self, q_all, layer, query_lens):
+        k_cache = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
+        v_cache = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
+        parts = [
+            attention_with_lse(q_req, k_cache[rows], v_cache[rows], layer.scaling, causal=False)
+            for q_req, rows in zip(q_all.split(query_lens), self.local_rows)
+        ]
+        return torch.cat([o for o, _ in parts]), torch.cat([lse for _, lse in parts])
+
+    def partial_decode(self, q_all, layer, forward_batch):
+        return self._attend_cached(q_all, layer, [1] * q_all.shape[0])
+
+    def partial_extend_prefix(self, q_all, layer, forward_batch):
+        return self._attend_cached(q_all, layer, forward_batch.extend_seq_lens_cpu)
+
+    def partial_extend_new(self, q, k, v, layer, forward_batch):
+        lens = forward_batch.extend_seq_lens_cpu
+        parts = [
+            attention_with_lse(q_req, k_req, v_req, layer.scaling, causal=True)
+            for q_req, k_req, v_req in zip(q.split(lens), k.split(lens), v.split(lens))
+        ]
+        return torch.cat([o for o, _ in parts]), torch.cat([lse for _, lse in parts])

@@ -1,0 +1,182 @@
+"""``ServerArgs`` with ``--dcp-size``: the flag, its validation and the defaults it implies.
+
+Installed over ``sglang.srt.server_args.ServerArgs`` (see ``hooks``), so the flag appears
+in ``python -m sglang.launch_server --help`` and ``sglang.Engine(dcp_size=...)`` works.
+With ``dcp_size == 1`` nothing changes. With ``D > 1`` every check runs in the launching
+process, before any model weight loads, and fails with one line that says what to change.
+After validation ``page_size`` becomes the *logical* page ``P * D`` that the allocator,
+radix cache and scheduler use; the physical KV pool keeps ``P = page_size // D``.
+"""
+
+import dataclasses
+import logging
+import os
+
+import sglang.srt.server_args as sglang_server_args
+from sglang.srt.arg_groups.arg_utils import A, Arg
+from sglang.srt.model_executor.cuda_graph_config import Backend
+from sglang.srt.utils import get_device
+
+logger = logging.getLogger(__name__)
+
+# The attention backend that runs DCP on each device.
+DCP_ATTENTION_BACKENDS = {"cuda": "flashinfer", "cpu": "torch_native"}
+
+
+class DCPConfigError(ValueError):
+    """A setting that DCP cannot run with; the message says what to change."""
+
+
+@dataclasses.dataclass
+class DCPServerArgs(sglang_server_args.ServerArgs):
+    dcp_size: A[
+        int,
+        Arg(
+            help="Decode context parallel size D: the D consecutive TP ranks that hold "
+            "the same KV head split each sequence's KV cache between them (token slot loc "
+            "on rank loc %% D), multiplying KV capacity by D. Needs (tp / num_kv_heads) %% D "
+            "== 0 and the flashinfer attention backend (torch_native on CPU).",
+            aliases=["--dcp", "--decode-context-parallel-size"],
+        ),
+    ] = 1
+
+    def __post_init__(self):
+        if self.dcp_size == 1:
+            return super().__post_init__()
+        from sglang_dcp.hooks import require_hooks_applied
+
+        require_hooks_applied()
+        self._check_dcp_flags()
+        self._set_dcp_defaults()
+        super().__post_init__()
+        self._check_dcp_resolved_args()
+        self._check_dcp_model()
+        self.page_size *= self.dcp_size
+        logger.info(
+            "DCP: dcp_size=%d, physical page %d, logical page %d",
+            self.dcp_size,
+            self.page_size // self.dcp_size,
+            self.page_size,
+        )
+
+    def _check_dcp_flags(self):
+        d = self.dcp_size
+        if not isinstance(d, int) or d < 1:
+            raise DCPConfigError(f"--dcp-size must be an integer >= 1, got {d!r}.")
+        if self.tp_size % d != 0:
+            raise DCPConfigError(
+                f"--dcp-size {d} must divide --tp-size {self.tp_size}; choose a dcp size "
+                f"that divides the TP size."
+            )
+        unsupported = {
+            "--enable-dp-attention": self.enable_dp_attention,
+            "--speculative-algorithm": self.speculative_algorithm is not None,
+            "--pp-size > 1": self.pp_size > 1,
+            "--enable-hierarchical-cache": self.enable_hierarchical_cache,
+            "--enable-lmcache": self.enable_lmcache,
+            "--enable-hisparse": self.enable_hisparse,
+            "--disaggregation-mode": self.disaggregation_mode != "null",
+            "--attn-cp-size > 1": self.attn_cp_size > 1,
+            "--enable-prefill-cp": self.enable_prefill_cp,
+            "--enable-two-batch-overlap": self.enable_two_batch_overlap,
+            "--enable-pdmux": self.enable_pdmux,
+        }
+        for flag, is_set in unsupported.items():
+            if is_set:
+                raise DCPConfigError(
+                    f"{flag} is not supported with --dcp-size {d}; remove it or use --dcp-size 1."
+                )
+
+    def _set_dcp_defaults(self):
+        device = (self.device or get_device()).split(":")[0]
+        backend = DCP_ATTENTION_BACKENDS.get(device)
+        if backend is None:
+            raise DCPConfigError(
+                f"--dcp-size {self.dcp_size} runs on CUDA (flashinfer) or CPU "
+                f"(torch_native), not on device {device!r}."
+            )
+        for flag, value in (
+            ("--attention-backend", self.attention_backend),
+            ("--prefill-attention-backend", self.prefill_attention_backend),
+            ("--decode-attention-backend", self.decode_attention_backend),
+        ):
+            if value not in (None, backend):
+                raise DCPConfigError(
+                    f"{flag} {value} has no DCP support; use --attention-backend {backend} "
+                    f"with --dcp-size {self.dcp_size} on {device}."
+                )
+        self.attention_backend = backend
+        # Captured prefill graphs take FlashInfer's paged-only extend path; DCP needs the
+        # ragged + sharded-prefix path, so prefill runs eagerly (decode graphs stay on).
+        self.disable_prefill_cuda_graph = True
+        os.environ.setdefault("NCCL_GRAPH_MIXING_SUPPORT", "0")
+
+    def _check_dcp_resolved_args(self):
+        d = self.dcp_size
+        if self.cuda_graph_config.prefill.backend != Backend.DISABLED:
+            raise DCPConfigError(
+                f"--dcp-size {d} runs prefill without CUDA graphs; drop the prefill CUDA-graph "
+                f"backend from --cuda-graph-backend-prefill / --cuda-graph-config."
+            )
+        for name in ("prefill_attention_backend", "decode_attention_backend"):
+            value = getattr(self, name)
+            if value not in (None, self.attention_backend):
+                raise DCPConfigError(
+                    f"--{name.replace('_', '-')} {value} has no DCP support; use "
+                    f"--attention-backend {self.attention_backend} with --dcp-size {d}."
+                )
+        if self.enable_deterministic_inference and self.attention_backend == "flashinfer":
+            raise DCPConfigError(
+                f"--enable-deterministic-inference makes flashinfer use its paged-only "
+                f"prefill, which has no DCP path; drop it with --dcp-size {d}."
+            )
+
+    def _check_dcp_model(self):
+        d = self.dcp_size
+        model_config = self.get_model_config()
+        if model_config.attention_arch.name != "MHA":
+            raise DCPConfigError(
+                f"--dcp-size {d} supports MHA/GQA models; this model uses "
+                f"{model_config.attention_arch.name} attention. Use --dcp-size 1."
+            )
+        hybrid = hybrid_attention_reason(model_config)
+        if hybrid:
+            raise DCPConfigError(
+                f"--dcp-size {d} supports full-attention models only; this model {hybrid}. "
+                f"Use --dcp-size 1."
+            )
+        if model_config.is_multimodal:
+            raise DCPConfigError(
+                f"--dcp-size {d} does not support multimodal models; use --dcp-size 1."
+            )
+        num_kv_heads = model_config.get_total_num_kv_heads()
+        tp = self.tp_size
+        replicas = tp // num_kv_heads if tp % num_kv_heads == 0 else 0
+        if replicas == 0 or replicas % d != 0:
+            raise DCPConfigError(
+                f"--dcp-size {d} needs every KV head on a multiple of {d} TP ranks "
+                f"((tp / num_kv_heads) % dcp == 0), but tp={tp} and num_kv_heads={num_kv_heads}; "
+                f"use a dcp size that divides tp / num_kv_heads, or a larger --tp-size."
+            )
+
+
+def hybrid_attention_reason(model_config) -> str:
+    """Why a model is not plain full attention (sliding window, linear/Mamba layers), or ''."""
+    if model_config.is_hybrid_swa:
+        return "mixes sliding-window and full-attention layers"
+    text_config = model_config.hf_text_config
+    layer_types = set(getattr(text_config, "layer_types", None) or ["full_attention"])
+    if layer_types - {"full_attention", "attention"}:
+        return f"has {sorted(layer_types)} layers"
+    if getattr(text_config, "sliding_window", None) and getattr(
+        text_config, "use_sliding_window", True
+    ):
+        return "uses sliding-window attention"
+    state_space = [
+        name
+        for name in vars(text_config)
+        if name.startswith(("mamba", "linear_", "ssm_")) or name == "hybrid_override_pattern"
+    ]
+    if state_space:
+        return f"has linear-attention/Mamba layers ({state_space[0]})"
+    return ""

@@ -1,0 +1,97 @@
+"""LSE merging and the PyTorch partial-attention kernel against float64 references."""
+
+import math
+
+import pytest
+import torch
+
+from sglang_dcp.layers.attention.merge import (
+    lse_weights,
+    merge_states,
+    scale_own_partial_torch,
+    to_base2,
+)
+from sglang_dcp.layers.attention.torch_native_dcp_backend import attention_with_lse
+
+BASES = [2.0, math.e]
+
+
+def reference_attention(q, k, v, scale, causal):
+    """float64 softmax attention with natural-log LSE; q [Tq,H,d], k/v [Tk,Hkv,d]."""
+    q, k, v = q.double(), k.double(), v.double()
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    s = torch.einsum("qhd,khd->hqk", q, k) * scale
+    if causal:
+        s.masked_fill_(torch.ones(s.shape[1:], dtype=torch.bool).triu(1), -math.inf)
+    lse = torch.logsumexp(s, -1)
+    return torch.einsum("hqk,khd->qhd", torch.softmax(s, -1), v), lse.T
+
+
+def in_base(lse_e, base):
+    """A natural-log LSE expressed in ``base`` (FlashInfer reports base 2)."""
+    return lse_e if base == math.e else lse_e * math.log2(math.e)
+
+
+def random_partials(num_parts, tokens, heads, dim, empty=()):
+    """Partial (o, natural-log lse) over disjoint key shards of one random problem."""
+    q = torch.randn(tokens, heads, dim)
+    keys_per_part = [0 if i in empty else int(n) for i, n in enumerate(torch.randint(1, 9, (num_parts,)))]
+    k = torch.randn(sum(keys_per_part), 1, dim)
+    v = torch.randn(sum(keys_per_part), 1, dim)
+    full = reference_attention(q, k, v, 0.3, causal=False)
+    parts = [
+        attention_with_lse(q, ks, vs, 0.3, causal=False)
+        for ks, vs in zip(k.split(keys_per_part), v.split(keys_per_part))
+    ]
+    return parts, full
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 1), (8, 2), (3, 3)])
+def test_attention_with_lse_matches_float64(causal, heads, kv_heads):
+    tokens = 13
+    q, k, v = torch.randn(tokens, heads, 32), torch.randn(tokens, kv_heads, 32), torch.randn(tokens, kv_heads, 32)
+    o, lse = attention_with_lse(q, k, v, 0.2, causal)
+    o_ref, lse_ref = reference_attention(q, k, v, 0.2, causal)
+    assert (o.double() - o_ref).norm() / o_ref.norm() < 1e-6
+    assert torch.allclose(lse.double(), lse_ref, atol=1e-5)
+
+
+def test_attention_with_no_keys_is_empty_state():
+    o, lse = attention_with_lse(torch.randn(3, 4, 8), torch.randn(0, 1, 8), torch.randn(0, 1, 8), 1.0, False)
+    assert torch.all(o == 0) and torch.all(lse == -math.inf)
+
+
+@pytest.mark.parametrize("base", BASES)
+@pytest.mark.parametrize("num_parts,empty", [(2, ()), (4, ()), (4, (1, 3)), (3, (0,))])
+def test_merge_states_equals_full_attention(base, num_parts, empty):
+    torch.manual_seed(num_parts + len(empty))
+    parts, (o_ref, lse_ref) = random_partials(num_parts, tokens=5, heads=6, dim=16, empty=empty)
+    o, lse = merge_states([o for o, _ in parts], [in_base(lse, base) for _, lse in parts], base)
+    assert (o.double() - o_ref).norm() / o_ref.norm() < 1e-6
+    assert torch.allclose(lse.double(), in_base(lse_ref, base), atol=1e-5)
+
+
+@pytest.mark.parametrize("base", BASES)
+def test_scaled_partials_sum_to_full_attention(base):
+    """The per-rank correction step: sum_r scale_own_partial(o_r) == full attention."""
+    torch.manual_seed(7)
+    parts, (o_ref, _) = random_partials(4, tokens=3, heads=8, dim=16, empty=(2,))
+    lse2_all = torch.stack([to_base2(in_base(lse, base), base) for _, lse in parts])
+    total = sum(scale_own_partial_torch(o, lse2_all, r)[0] for r, (o, _) in enumerate(parts))
+    assert (total.double() - o_ref).norm() / o_ref.norm() < 1e-6
+
+
+def test_all_empty_shards_give_zero_weights_and_minus_inf():
+    lse2 = torch.full((3, 2, 4), -math.inf)
+    weights, merged = lse_weights(lse2)
+    assert torch.all(weights == 0) and torch.all(merged == -math.inf)
+    assert not torch.isnan(weights).any()
+
+
+def test_weights_are_exact_for_large_lse_gaps():
+    lse2 = torch.tensor([[[1000.0]], [[-1000.0]], [[-math.inf]]])
+    weights, merged = lse_weights(lse2)
+    assert weights[0].item() == 1.0 and weights[1].item() == 0.0 and weights[2].item() == 0.0
+    assert merged.item() == 1000.0
