@@ -11,6 +11,7 @@ from typing import NamedTuple, Union
 
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
+from sglang_dcp.configs.update_config import keep_kv_heads_replicated
 from sglang_dcp.distributed.parallel_state import (
     dcp_graph_capture,
     dcp_is_initialized,
@@ -75,6 +76,8 @@ HOOKS = (
          init_pools_with_dcp, HookType.AROUND, "physical pool, logical allocator and capacity"),
     Hook(f"{_MODEL_RUNNER}._get_attention_backend_from_str", attention_backend_from_str,
          HookType.AROUND, "DCP attention backends"),
+    Hook("sglang.srt.configs.update_config.adjust_config_with_unaligned_cpu_tp",
+         keep_kv_heads_replicated, HookType.AROUND, "no KV-head padding on CPU under DCP"),
     Hook("sglang.srt.models.utils.enable_fused_set_kv_buffer", no_fused_kv_store_with_dcp,
          HookType.AROUND, "no fused RoPE + KV store under DCP"),
 )

@@ -14,6 +14,7 @@ import os
 
 import sglang.srt.server_args as sglang_server_args
 from sglang.srt.arg_groups.arg_utils import A, Arg
+from sglang.srt.configs.model_config import ModelConfig
 from sglang.srt.model_executor.cuda_graph_config import Backend
 from sglang.srt.utils import get_device
 
@@ -45,12 +46,14 @@ class DCPServerArgs(sglang_server_args.ServerArgs):
             return super().__post_init__()
         from sglang_dcp.hooks import require_hooks_applied
 
-        require_hooks_applied()
         self._check_dcp_flags()
+        require_hooks_applied()
         self._set_dcp_defaults()
+        # Before SGLang's own model-specific checks, which would otherwise reject a model
+        # for the backend DCP chose rather than for what DCP cannot run.
+        self._check_dcp_model()
         super().__post_init__()
         self._check_dcp_resolved_args()
-        self._check_dcp_model()
         self.page_size *= self.dcp_size
         logger.info(
             "DCP: dcp_size=%d, physical page %d, logical page %d",
@@ -80,6 +83,7 @@ class DCPServerArgs(sglang_server_args.ServerArgs):
             "--enable-prefill-cp": self.enable_prefill_cp,
             "--enable-two-batch-overlap": self.enable_two_batch_overlap,
             "--enable-pdmux": self.enable_pdmux,
+            "--enable-deterministic-inference": self.enable_deterministic_inference,
         }
         for flag, is_set in unsupported.items():
             if is_set:
@@ -125,15 +129,10 @@ class DCPServerArgs(sglang_server_args.ServerArgs):
                     f"--{name.replace('_', '-')} {value} has no DCP support; use "
                     f"--attention-backend {self.attention_backend} with --dcp-size {d}."
                 )
-        if self.enable_deterministic_inference and self.attention_backend == "flashinfer":
-            raise DCPConfigError(
-                f"--enable-deterministic-inference makes flashinfer use its paged-only "
-                f"prefill, which has no DCP path; drop it with --dcp-size {d}."
-            )
 
     def _check_dcp_model(self):
         d = self.dcp_size
-        model_config = self.get_model_config()
+        model_config = ModelConfig.from_server_args(self)
         if model_config.attention_arch.name != "MHA":
             raise DCPConfigError(
                 f"--dcp-size {d} supports MHA/GQA models; this model uses "
@@ -151,12 +150,16 @@ class DCPServerArgs(sglang_server_args.ServerArgs):
             )
         num_kv_heads = model_config.get_total_num_kv_heads()
         tp = self.tp_size
-        replicas = tp // num_kv_heads if tp % num_kv_heads == 0 else 0
-        if replicas == 0 or replicas % d != 0:
+        if model_config.num_attention_heads % tp != 0:
             raise DCPConfigError(
-                f"--dcp-size {d} needs every KV head on a multiple of {d} TP ranks "
-                f"((tp / num_kv_heads) % dcp == 0), but tp={tp} and num_kv_heads={num_kv_heads}; "
-                f"use a dcp size that divides tp / num_kv_heads, or a larger --tp-size."
+                f"--dcp-size {d} needs num_attention_heads ({model_config.num_attention_heads}) "
+                f"divisible by --tp-size {tp}; choose a tp size that divides it."
+            )
+        if tp % (num_kv_heads * d) != 0:
+            raise DCPConfigError(
+                f"--dcp-size {d} needs every KV head replicated on a multiple of {d} TP ranks "
+                f"((tp / num_kv_heads) % dcp == 0): --tp-size must be a multiple of "
+                f"num_kv_heads * dcp = {num_kv_heads * d}, got {tp}."
             )
 
 

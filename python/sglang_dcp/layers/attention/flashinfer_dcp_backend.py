@@ -1,0 +1,214 @@
+"""DCP on SGLang's flashinfer backend (CUDA): FlashInfer partial-attention kernels.
+
+FlashInfer reads the KV pool per token (page size 1), so a rank's local KV is described by
+``kv_indptr`` over the local lengths ``L // D + (rank < L % D)`` and ``kv_indices`` of
+local rows ``req_to_token[req, rank + j*D] // D`` (``dcp_kv_indices_triton``). Its LSE is
+base 2.
+
+* Decode: ``BatchDecodeWithPagedKVCacheWrapper`` planned with ``D * Hq`` query heads (the
+  gathered heads, multiplied once here) over the local lengths; tensor-core decode is
+  chosen for ``D * Hq`` heads per KV head.
+* Extend: ``BatchPrefillWithRaggedKVCacheWrapper`` (causal, ``Hq`` heads) for the new
+  tokens and ``BatchPrefillWithPagedKVCacheWrapper`` (non-causal, ``D * Hq`` heads) over
+  the local prefix.
+* CUDA graphs (decode only): one decode wrapper per captured batch size over persistent
+  ``kv_indptr``/``kv_indices``/``kv_last_page_len`` buffers. Before each replay the
+  indices kernel rewrites those buffers in place and ``fast_decode_plan`` re-plans from
+  the local host ``indptr``, so no per-step DCP metadata is baked into a graph.
+"""
+
+import math
+from typing import Dict
+
+import torch
+from flashinfer import (
+    BatchDecodeWithPagedKVCacheWrapper,
+    BatchPrefillWithPagedKVCacheWrapper,
+    BatchPrefillWithRaggedKVCacheWrapper,
+    fast_decode_plan,
+)
+
+from sglang.srt.environ import envs
+from sglang.srt.layers.attention.flashinfer_backend import should_use_tensor_core
+from sglang.srt.layers.dp_attention import get_attention_tp_size
+
+from sglang_dcp.layers.attention.dcp_backend import DCPAttnBackend
+from sglang_dcp.layers.attention.triton_ops import dcp_kv_indices_triton
+from sglang_dcp.mem_cache.layout import local_seq_lens
+
+
+def exclusive_cumsum(lens: torch.Tensor) -> torch.Tensor:
+    """``[0, l0, l0 + l1, ...]`` as int32 (an indptr)."""
+    indptr = lens.new_zeros(lens.shape[0] + 1, dtype=torch.int32)
+    indptr[1:] = torch.cumsum(lens, dim=0)
+    return indptr
+
+
+class FlashInferDCPAttnBackend(DCPAttnBackend):
+    lse_base = 2.0
+
+    def __init__(self, model_runner):
+        super().__init__(model_runner)
+        config = model_runner.model_config
+        attn_tp_size = get_attention_tp_size()
+        self.num_local_heads = config.num_attention_heads // attn_tp_size
+        self.num_gathered_heads = self.num_local_heads * self.dcp_size
+        self.num_kv_heads = config.get_num_kv_heads(attn_tp_size)
+        self.head_dim = config.head_dim
+        self.kv_dtype = model_runner.kv_cache_dtype
+        self.q_dtype = model_runner.dtype
+        self.max_local_context_len = math.ceil(config.context_len / self.dcp_size)
+        self.decode_use_tensor_cores = should_use_tensor_core(
+            kv_cache_dtype=self.kv_dtype,
+            num_attention_heads=self.num_gathered_heads,
+            num_kv_heads=self.num_kv_heads,
+        )
+        self.workspace = torch.empty(
+            envs.SGLANG_FLASHINFER_WORKSPACE_SIZE.get(), dtype=torch.uint8, device=self.device
+        )
+        self.eager_decode_wrapper = self._new_decode_wrapper()
+        self.ragged_wrapper = BatchPrefillWithRaggedKVCacheWrapper(self.workspace, "NHD")
+        self.prefix_wrapper = BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
+        self.graph_decode_wrappers: Dict[int, BatchDecodeWithPagedKVCacheWrapper] = {}
+        self.decode_wrapper = self.eager_decode_wrapper
+
+    def _new_decode_wrapper(self, **graph_buffers) -> BatchDecodeWithPagedKVCacheWrapper:
+        return BatchDecodeWithPagedKVCacheWrapper(
+            self.workspace,
+            "NHD",
+            use_tensor_cores=self.decode_use_tensor_cores,
+            use_cuda_graph=bool(graph_buffers),
+            **graph_buffers,
+        )
+
+    # ---- metadata -------------------------------------------------------------------
+    def _local_kv(self, req_pool_indices, lens, lens_cpu, kv_indptr=None, kv_indices=None):
+        """Local ``(indptr on host, indptr, indices)`` of the first ``lens`` tokens of each
+        request; written into ``kv_indptr``/``kv_indices`` when given (graph buffers)."""
+        local_lens = local_seq_lens(lens.to(torch.int32), self.dcp_size, self.dcp_rank)
+        indptr_cpu = exclusive_cumsum(
+            local_seq_lens(lens_cpu.to(torch.int32), self.dcp_size, self.dcp_rank)
+        )
+        if kv_indptr is None:
+            kv_indptr = exclusive_cumsum(local_lens)
+            kv_indices = torch.empty(int(indptr_cpu[-1]), dtype=torch.int32, device=self.device)
+        else:
+            kv_indptr = kv_indptr[: local_lens.shape[0] + 1]
+            kv_indptr[1:] = torch.cumsum(local_lens, dim=0)
+        dcp_kv_indices_triton(
+            self.req_to_token, req_pool_indices, local_lens, kv_indptr, kv_indices,
+            self.dcp_size, self.dcp_rank,
+        )
+        return indptr_cpu, kv_indptr, kv_indices
+
+    def _decode_plan_args(self):
+        return dict(
+            num_qo_heads=self.num_gathered_heads,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            page_size=1,
+            data_type=self.kv_dtype,
+            q_data_type=self.q_dtype,
+            non_blocking=True,
+        )
+
+    def init_forward_metadata(self, forward_batch):
+        if forward_batch.forward_mode.is_decode_or_idle():
+            self.decode_wrapper = self.eager_decode_wrapper
+            bs = forward_batch.batch_size
+            indptr_cpu, _, kv_indices = self._local_kv(
+                forward_batch.req_pool_indices, forward_batch.seq_lens,
+                forward_batch.seq_lens_cpu,
+            )
+            self.decode_wrapper.plan(
+                indptr_cpu, kv_indices, torch.ones(bs, dtype=torch.int32),
+                **self._decode_plan_args(),
+            )
+        else:
+            self._plan_extend(forward_batch)
+
+    def _plan_extend(self, forward_batch):
+        bs = forward_batch.batch_size
+        qo_indptr_cpu = exclusive_cumsum(
+            torch.tensor(forward_batch.extend_seq_lens_cpu, dtype=torch.int32)
+        )
+        self.ragged_wrapper.plan(
+            qo_indptr_cpu, qo_indptr_cpu, self.num_local_heads, self.num_kv_heads,
+            self.head_dim, causal=True, q_data_type=self.q_dtype, kv_data_type=self.q_dtype,
+        )
+        if not any(forward_batch.extend_prefix_lens_cpu):
+            return
+        indptr_cpu, _, kv_indices = self._local_kv(
+            forward_batch.req_pool_indices, forward_batch.extend_prefix_lens,
+            torch.tensor(forward_batch.extend_prefix_lens_cpu),
+        )
+        self.prefix_wrapper.plan(
+            qo_indptr_cpu, indptr_cpu, kv_indices, torch.ones(bs, dtype=torch.int32),
+            self.num_gathered_heads, self.num_kv_heads, self.head_dim, 1, causal=False,
+            q_data_type=self.q_dtype, kv_data_type=self.kv_dtype,
+        )
+
+    # ---- CUDA graphs (decode) -------------------------------------------------------
+    def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int):
+        self.graph_kv_indptr = torch.zeros(max_bs + 1, dtype=torch.int32, device=self.device)
+        self.graph_kv_last_page_len = torch.ones(max_bs, dtype=torch.int32, device=self.device)
+        self.graph_kv_indices = torch.zeros(
+            max_bs * self.max_local_context_len, dtype=torch.int32, device=self.device
+        )
+
+    def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
+        assert forward_batch.forward_mode.is_decode_or_idle(), "DCP captures decode graphs only"
+        bs = forward_batch.batch_size
+        if in_capture:
+            self.graph_decode_wrappers[bs] = self._new_decode_wrapper(
+                paged_kv_indptr_buffer=self.graph_kv_indptr[: bs + 1],
+                paged_kv_indices_buffer=self.graph_kv_indices,
+                paged_kv_last_page_len_buffer=self.graph_kv_last_page_len[:bs],
+            )
+        self.decode_wrapper = self.graph_decode_wrappers[bs]
+        indptr_cpu, kv_indptr, kv_indices = self._local_kv(
+            forward_batch.req_pool_indices[:bs], forward_batch.seq_lens[:bs],
+            forward_batch.seq_lens_cpu[:bs], self.graph_kv_indptr, self.graph_kv_indices,
+        )
+        last_page_len = self.graph_kv_last_page_len[:bs]
+        if in_capture:  # the first plan builds the kernel module that fast_decode_plan reuses
+            self.decode_wrapper.plan(
+                indptr_cpu, kv_indices[: int(indptr_cpu[-1])], last_page_len.cpu(),
+                **self._decode_plan_args(),
+            )
+        else:
+            fast_decode_plan(
+                self.decode_wrapper, kv_indptr, kv_indices, last_page_len,
+                global_override_indptr_cpu=indptr_cpu, **self._decode_plan_args(),
+            )
+
+    def get_cuda_graph_seq_len_fill_value(self):
+        return 1
+
+    # ---- kernels --------------------------------------------------------------------
+    def partial_decode(self, q_all, layer, forward_batch):
+        return self.decode_wrapper.forward_return_lse(
+            q_all,
+            self.token_to_kv_pool.get_kv_buffer(layer.layer_id),
+            sm_scale=layer.scaling,
+            logits_soft_cap=layer.logit_cap,
+            k_scale=layer.k_scale_float,
+            v_scale=layer.v_scale_float,
+        )
+
+    def partial_extend_new(self, q, k, v, layer, forward_batch):
+        return self.ragged_wrapper.forward_return_lse(
+            q.contiguous(), k.contiguous(), v.contiguous(),
+            causal=True, sm_scale=layer.scaling, logits_soft_cap=layer.logit_cap,
+        )
+
+    def partial_extend_prefix(self, q_all, layer, forward_batch):
+        return self.prefix_wrapper.forward_return_lse(
+            q_all,
+            self.token_to_kv_pool.get_kv_buffer(layer.layer_id),
+            causal=False,
+            sm_scale=layer.scaling,
+            logits_soft_cap=layer.logit_cap,
+            k_scale=layer.k_scale_float,
+            v_scale=layer.v_scale_float,
+        )

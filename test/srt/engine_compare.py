@@ -1,0 +1,116 @@
+"""Run the same requests through SGLang engines with and without DCP and compare them.
+
+Used by the CPU end-to-end tests and by the GPU check script. A *scenario* is a list of
+request batches sent one after another to one engine (so later batches can hit the radix
+cache of earlier ones); ``run_engine`` returns the logical KV capacity and, per request,
+the output ids, the output-token logprobs and the top-5 logprobs.
+"""
+
+import dataclasses
+import random
+from typing import Dict, List, Optional
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class Batch:
+    input_ids: List[List[int]]
+    sampling_params: Dict
+
+
+@dataclasses.dataclass
+class RequestResult:
+    output_ids: List[int]
+    token_logprobs: List[float]
+    top_logprobs: List[List[float]]  # per position, the 5 best logprobs (descending)
+
+
+@dataclasses.dataclass
+class EngineRun:
+    capacity: int
+    results: List[RequestResult]
+
+
+def random_ids(rng: random.Random, length: int, vocab_size: int) -> List[int]:
+    return [rng.randrange(3, vocab_size) for _ in range(length)]
+
+
+def mixed_scenario(
+    vocab_size: int,
+    lengths: List[int],
+    max_new_tokens: int,
+    seed: int = 0,
+    num_prefix_hits: int = 3,
+) -> List[Batch]:
+    """Three batches: greedy prompts of mixed ``lengths``; greedy prompts that extend the
+    longest of them (radix-cache prefix hits) plus an exact repeat; seeded sampling."""
+    rng = random.Random(seed)
+    prompts = [random_ids(rng, n, vocab_size) for n in lengths]
+    base = max(prompts, key=len)
+    extended = [base + random_ids(rng, 7 + 5 * i, vocab_size) for i in range(num_prefix_hits)]
+    greedy = {"max_new_tokens": max_new_tokens, "temperature": 0.0}
+    sampled = {"max_new_tokens": max_new_tokens, "temperature": 0.8, "top_p": 0.9, "sampling_seed": 1234}
+    return [
+        Batch(prompts, greedy),
+        Batch(extended + [prompts[0]], greedy),
+        Batch(prompts[:3], sampled),
+    ]
+
+
+def run_engine(model_path: str, scenario: List[Batch], **engine_kwargs) -> EngineRun:
+    import sglang
+
+    engine = sglang.Engine(model_path=model_path, **engine_kwargs)
+    try:
+        capacity = engine.get_server_info()["max_total_num_tokens"]
+        results = []
+        for batch in scenario:
+            outputs = engine.generate(
+                input_ids=batch.input_ids,
+                sampling_params=batch.sampling_params,
+                return_logprob=True,
+                top_logprobs_num=5,
+            )
+            for out in outputs:
+                meta = out["meta_info"]
+                results.append(
+                    RequestResult(
+                        output_ids=list(out["output_ids"]),
+                        token_logprobs=[lp for lp, _, _ in meta["output_token_logprobs"]],
+                        top_logprobs=[[lp for lp, _, _ in top] for top in meta["output_top_logprobs"]],
+                    )
+                )
+    finally:
+        engine.shutdown()
+    return EngineRun(capacity, results)
+
+
+@dataclasses.dataclass
+class Agreement:
+    num_requests: int
+    identical_requests: int
+    max_logprob_diff: float  # over positions before the first differing token
+
+    @property
+    def identical_fraction(self) -> float:
+        return self.identical_requests / self.num_requests
+
+
+def compare(reference: EngineRun, candidate: EngineRun) -> Agreement:
+    """Greedy/sampled id agreement and the largest |logprob| difference (output token and
+    top-5 values) over the common prefix of each request's outputs."""
+    identical, max_diff = 0, 0.0
+    for ref, cand in zip(reference.results, candidate.results, strict=True):
+        identical += ref.output_ids == cand.output_ids
+        same = next(
+            (i for i, (a, b) in enumerate(zip(ref.output_ids, cand.output_ids)) if a != b),
+            min(len(ref.output_ids), len(cand.output_ids)),
+        )
+        # position i's distribution is conditioned on tokens < i, identical up to `same`
+        for i in range(min(same + 1, len(ref.token_logprobs), len(cand.token_logprobs))):
+            diffs = np.abs(np.array(ref.top_logprobs[i]) - np.array(cand.top_logprobs[i]))
+            if i < same:
+                diffs = np.append(diffs, abs(ref.token_logprobs[i] - cand.token_logprobs[i]))
+            max_diff = max(max_diff, float(diffs.max()))
+    return Agreement(len(reference.results), identical, max_diff)

@@ -1,0 +1,339 @@
+"""``--dcp-size`` through the real user path: plugin loading, then SGLang's own argv parser.
+
+Each test calls ``sglang.srt.server_args.prepare_server_args(argv)`` (what ``sglang serve``
+and ``python -m sglang.launch_server`` do) after ``load_plugins()`` has installed
+``DCPServerArgs`` over SGLang's ``ServerArgs``. No engine starts and no weights load: the
+model folders hold only a config.json. Covered:
+
+* every refusal of ``DCPServerArgs`` (flags, attention backends, CUDA graphs, models) raises
+  ``DCPConfigError`` with one line that names the fix; a bad value raises argparse's
+  ``SystemExit``;
+* the accepted settings resolve to the logical page ``page_size * dcp_size``, the DCP
+  attention backend and eager prefill; with no flag the arguments equal stock SGLang's;
+* the flag and its aliases appear in ``python -m sglang.launch_server --help``;
+* ``require_hooks_applied`` notices a hook that did not apply.
+
+``--device cuda`` runs only the argument logic (nothing touches a GPU), so the CUDA rules
+(flashinfer, prefill CUDA graphs) are checked on a CPU-only host too.
+"""
+
+import os
+
+# Read when sglang is imported: CPU rotary embedding, no PyNccl on a CUDA build of torch.
+os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
+os.environ.setdefault("SGLANG_NCCL_SO_PATH", "/nonexistent/libnccl.so.2")
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import logging  # noqa: E402
+import re  # noqa: E402
+import shlex  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+from sglang.srt.model_executor.cuda_graph_config import Backend  # noqa: E402
+from sglang.srt.plugins.hook_registry import HookRegistry  # noqa: E402
+from transformers import AutoConfig  # noqa: E402
+
+from models import write_dummy_gqa_model  # noqa: E402  (test/srt/models.py)
+from sglang_dcp.hooks import HOOKS, require_hooks_applied  # noqa: E402
+from sglang_dcp.server_args import DCPConfigError, DCPServerArgs  # noqa: E402
+
+# Small dimensions shared by every model folder.
+SMALL = dict(
+    hidden_size=256,
+    num_hidden_layers=2,
+    intermediate_size=512,
+    vocab_size=1024,
+    max_position_embeddings=4096,
+)
+
+
+def write_config(path, model_type, architecture, **fields):
+    """Write a config-only model folder built by transformers' config class for ``model_type``."""
+    config = AutoConfig.for_model(model_type, architectures=[architecture], **{**SMALL, **fields})
+    config.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def plugins():
+    from sglang.srt.plugins import load_plugins
+
+    load_plugins()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Config-only model folders by name: ``gqa<K>`` is a Qwen3 with 8 query / K KV heads."""
+    root = tmp_path_factory.mktemp("models")
+    paths = {
+        f"gqa{kv}": write_dummy_gqa_model(
+            str(root / f"gqa{kv}"), num_attention_heads=8, num_key_value_heads=kv, **SMALL
+        )
+        for kv in (1, 2, 4)
+    }
+    gqa = dict(num_attention_heads=8, num_key_value_heads=1, head_dim=64)
+    # SGLang's ModelConfig gives DeepseekV3ForCausalLM AttentionArch.MLA.
+    paths["mla"] = write_config(
+        root / "mla", "deepseek_v3", "DeepseekV3ForCausalLM",
+        num_attention_heads=8, num_key_value_heads=8, kv_lora_rank=64, q_lora_rank=None,
+        qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=4,
+        num_experts_per_tok=2, n_group=1, topk_group=1, moe_intermediate_size=128,
+        first_k_dense_replace=2,
+    )  # fmt: skip
+    # Every layer uses a 4096-token window (no layer_types in MistralConfig).
+    paths["mistral_swa"] = write_config(
+        root / "mistral_swa", "mistral", "MistralForCausalLM", sliding_window=4096, **gqa
+    )
+    # layer_types: full_attention for layer 0, sliding_attention for layer 1.
+    paths["qwen2_swa"] = write_config(
+        root / "qwen2_swa", "qwen2", "Qwen2ForCausalLM",
+        sliding_window=4096, use_sliding_window=True, max_window_layers=1, **gqa,
+    )  # fmt: skip
+    # A window that is switched off: plain full attention.
+    paths["qwen2_no_swa"] = write_config(
+        root / "qwen2_no_swa", "qwen2", "Qwen2ForCausalLM",
+        sliding_window=4096, use_sliding_window=False, **gqa,
+    )  # fmt: skip
+    # SGLang's ModelConfig.is_hybrid_swa is True for GptOssForCausalLM.
+    paths["gpt_oss"] = write_config(
+        root / "gpt_oss", "gpt_oss", "GptOssForCausalLM",
+        sliding_window=128, num_local_experts=4, num_experts_per_tok=2, **gqa,
+    )  # fmt: skip
+    # Gated DeltaNet (linear attention) layers interleaved with full attention.
+    paths["qwen3_next"] = write_config(
+        root / "qwen3_next", "qwen3_next", "Qwen3NextForCausalLM",
+        num_experts=0, linear_num_key_heads=2, linear_num_value_heads=4,
+        linear_key_head_dim=32, linear_value_head_dim=32, full_attention_interval=2, **gqa,
+    )  # fmt: skip
+    return paths
+
+
+@pytest.fixture(autouse=True)
+def restore_process_state(monkeypatch):
+    """Undo what ``prepare_server_args`` changes process-wide: root logging and one env var."""
+    monkeypatch.delenv("NCCL_GRAPH_MIXING_SUPPORT", raising=False)  # set by DCP defaults
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def parse(models, model, flags, device="cpu"):
+    from sglang.srt.server_args import prepare_server_args  # the patched class, at call time
+
+    argv = ["--model-path", models[model], "--device", device, "--log-level", "error"]
+    return prepare_server_args(argv + shlex.split(flags))
+
+
+def rejection(models, model, flags, device="cpu"):
+    """The one-line message of the ``DCPConfigError`` that ``flags`` raise."""
+    with pytest.raises(DCPConfigError) as excinfo:
+        parse(models, model, flags, device)
+    message = str(excinfo.value)
+    assert message and "\n" not in message, f"not one line: {message!r}"
+    return message
+
+
+# Refused sizes: (model, flags, phrase of the message). gqa<K> has K KV heads.
+REJECTED_SIZES = [
+    pytest.param("gqa1", "--tp 2 --dcp-size 0", "--dcp-size must be an integer >= 1, got 0",
+                 id="dcp0"),
+    pytest.param("gqa1", "--tp 2 --dcp-size -1", "--dcp-size must be an integer >= 1, got -1",
+                 id="dcp-negative"),
+    # Divisibility of tp is checked first (the KV-head rule needs the model).
+    pytest.param("gqa1", "--tp 3 --dcp-size 2", "--dcp-size 2 must divide --tp-size 3",
+                 id="tp3-dcp2"),
+    pytest.param("gqa1", "--tp 2 --dcp-size 4", "--dcp-size 4 must divide --tp-size 2",
+                 id="tp2-dcp4"),
+    # (tp / num_kv_heads) % dcp != 0
+    pytest.param("gqa4", "--tp 4 --dcp-size 2", "num_kv_heads * dcp = 8, got 4", id="tp4-kv4-dcp2"),
+    pytest.param("gqa2", "--tp 4 --dcp-size 4", "num_kv_heads * dcp = 8, got 4", id="tp4-kv2-dcp4"),
+    pytest.param("gqa4", "--tp 2 --dcp-size 2", "num_kv_heads * dcp = 8, got 2", id="tp2-kv4-dcp2"),
+]  # fmt: skip
+
+
+def _flag(flags, phrase):
+    return pytest.param(flags, phrase, id=re.sub(r"\W+", "-", flags).strip("-"))
+
+
+# Refused flags on CPU, added to --tp 2 --dcp-size 2: (flags, phrase of the message).
+REJECTED_FLAGS_ON_CPU = [
+    # Features DCP does not combine with; checked before SGLang's own __post_init__.
+    _flag("--enable-dp-attention --dp-size 2", "--enable-dp-attention is not supported"),
+    _flag("--speculative-algorithm EAGLE", "--speculative-algorithm is not supported"),
+    _flag("--pp-size 2", "--pp-size > 1 is not supported with --dcp-size 2"),
+    _flag("--enable-hierarchical-cache", "--enable-hierarchical-cache is not supported"),
+    _flag("--enable-lmcache", "--enable-lmcache is not supported"),
+    _flag("--enable-hisparse", "--enable-hisparse is not supported"),
+    _flag("--disaggregation-mode prefill", "--disaggregation-mode is not supported"),
+    _flag("--attn-cp-size 2", "--attn-cp-size > 1 is not supported"),
+    _flag("--enable-prefill-cp", "--enable-prefill-cp is not supported"),
+    _flag("--enable-two-batch-overlap", "--enable-two-batch-overlap is not supported"),
+    _flag("--enable-pdmux", "--enable-pdmux is not supported"),
+    # Attention backends: only torch_native has a DCP path on CPU.
+    _flag("--attention-backend triton", "use --attention-backend torch_native with --dcp-size 2"),
+    _flag("--attention-backend fa3", "--attention-backend fa3 has no DCP support; use --attention"),
+    _flag("--prefill-attention-backend triton", "--prefill-attention-backend triton has no DCP"),
+    _flag("--decode-attention-backend triton", "--decode-attention-backend triton has no DCP"),
+    _flag("--enable-deterministic-inference", "--enable-deterministic-inference is not supported"),
+]  # fmt: skip
+
+# Refused flags on CUDA (flashinfer only, eager prefill), added to --tp 2 --dcp-size 2.
+REJECTED_FLAGS_ON_CUDA = [
+    _flag("--attention-backend triton", "triton has no DCP support; use --attention-backend flash"),
+    _flag("--attention-backend torch_native", "use --attention-backend flashinfer with --dcp-size"),
+    _flag("--decode-attention-backend fa3", "--decode-attention-backend fa3 has no DCP support"),
+    _flag("--cuda-graph-backend-prefill breakable", "runs prefill without CUDA graphs"),
+    _flag("--cuda-graph-backend-prefill tc_piecewise", "runs prefill without CUDA graphs"),
+    _flag("--enable-breakable-cuda-graph", "runs prefill without CUDA graphs"),
+    _flag("""--cuda-graph-config '{"prefill": {"backend": "breakable"}}'""",
+          "runs prefill without CUDA graphs"),
+    _flag("--enable-deterministic-inference", "--enable-deterministic-inference"),
+]  # fmt: skip
+
+# Refused models (DCP splits plain MHA/GQA full attention only): (model, flags, phrase).
+REJECTED_MODELS = [
+    pytest.param("mla", "", "this model uses MLA attention", id="mla"),
+    pytest.param("mistral_swa", "", "this model uses sliding-window attention", id="mistral-swa"),
+    pytest.param("qwen2_swa", "", "['full_attention', 'sliding_attention'] layers", id="qwen2-swa"),
+    pytest.param("qwen3_next", "", "linear-attention/Mamba layers", id="qwen3-next"),
+    # Checked before SGLang's own rules (GPT-OSS requires triton/fa3/trtllm backends).
+    pytest.param("gpt_oss", "", "mixes sliding-window and full-attention layers", id="gpt-oss"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("model, flags, phrase", REJECTED_SIZES)
+def test_rejected_size(models, model, flags, phrase):
+    assert phrase in rejection(models, model, flags)
+
+
+@pytest.mark.parametrize("flags, phrase", REJECTED_FLAGS_ON_CPU)
+def test_rejected_flag_on_cpu(models, flags, phrase):
+    assert phrase in rejection(models, "gqa1", f"--tp 2 --dcp-size 2 {flags}")
+
+
+@pytest.mark.parametrize("flags, phrase", REJECTED_FLAGS_ON_CUDA)
+def test_rejected_flag_on_cuda(models, flags, phrase):
+    assert phrase in rejection(models, "gqa1", f"--tp 2 --dcp-size 2 {flags}", device="cuda")
+
+
+@pytest.mark.parametrize("model, flags, phrase", REJECTED_MODELS)
+def test_rejected_model(models, model, flags, phrase):
+    assert phrase in rejection(models, model, f"--tp 2 --dcp-size 2 {flags}")
+
+
+def test_rejected_eagle_with_draft_model(models):
+    flags = "--tp 2 --dcp 2 --speculative-algorithm EAGLE --speculative-draft-model-path"
+    message = rejection(models, "gqa1", f"{flags} {models['gqa1']}")
+    assert "--speculative-algorithm is not supported" in message
+
+
+def test_rejected_device(models):
+    message = rejection(models, "gqa1", "--tp 2 --dcp-size 2", device="xpu")
+    assert "runs on CUDA (flashinfer) or CPU (torch_native), not on device 'xpu'" in message
+
+
+@pytest.mark.parametrize("value", ["abc", "1.5"])
+def test_non_integer_value_is_an_argparse_error(models, value, capsys):
+    with pytest.raises(SystemExit) as excinfo:
+        parse(models, "gqa1", f"--tp 2 --dcp-size {value}")
+    assert excinfo.value.code == 2
+    err = capsys.readouterr().err
+    argument = "argument --dcp-size/--dcp/--decode-context-parallel-size"
+    assert f"{argument}: invalid int value: '{value}'" in err
+
+
+# Accepted settings: (model, flags, expected attributes of the resolved ServerArgs).
+CPU_DCP = dict(attention_backend="torch_native", disable_prefill_cuda_graph=True)
+ACCEPTED = [
+    # Logical page = physical page (1 by default) x dcp.
+    pytest.param("gqa1", "--tp 2 --dcp-size 2", dict(dcp_size=2, page_size=2, **CPU_DCP),
+                 id="tp2-kv1-dcp2"),
+    pytest.param("gqa1", "--tp 2 --dcp 2 --page-size 16", dict(dcp_size=2, page_size=32, **CPU_DCP),
+                 id="alias-dcp-page16"),
+    pytest.param("gqa1", "--tp 2 --decode-context-parallel-size 2",
+                 dict(dcp_size=2, page_size=2, **CPU_DCP), id="alias-long"),
+    pytest.param("gqa1", "--tp 4 --dcp-size 4", dict(dcp_size=4, page_size=4), id="tp4-kv1-dcp4"),
+    pytest.param("gqa1", "--tp 4 --dcp-size 2", dict(dcp_size=2, page_size=2), id="tp4-kv1-dcp2"),
+    pytest.param("gqa2", "--tp 4 --dcp-size 2", dict(dcp_size=2, page_size=2), id="tp4-kv2-dcp2"),
+    pytest.param("gqa1", "--tp 2 --dcp-size 2 --attention-backend torch_native",
+                 dict(attention_backend="torch_native"), id="explicit-torch-native"),
+    pytest.param("gqa1", "--tp 2 --dcp-size 2 --prefill-attention-backend torch_native",
+                 dict(prefill_attention_backend="torch_native"), id="explicit-prefill-backend"),
+    # SGLang turns every CUDA graph off for torch_native, so prefill stays eager anyway.
+    pytest.param("gqa1", "--tp 2 --dcp-size 2 --cuda-graph-backend-prefill breakable",
+                 dict(page_size=2), id="prefill-graph-off-on-cpu"),
+    pytest.param("qwen2_no_swa", "--tp 2 --dcp-size 2", dict(page_size=2), id="window-off"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("model, flags, expected", ACCEPTED)
+def test_accepted_on_cpu(models, model, flags, expected):
+    args = parse(models, model, flags)
+    assert type(args) is DCPServerArgs
+    assert {name: getattr(args, name) for name in expected} == expected
+    assert args.cuda_graph_config.prefill.backend == Backend.DISABLED
+
+
+def test_accepted_on_cuda(models):
+    args = parse(models, "gqa1", "--tp 2 --dcp-size 2 --page-size 16", device="cuda")
+    assert (args.attention_backend, args.page_size) == ("flashinfer", 32)
+    assert args.cuda_graph_config.prefill.backend == Backend.DISABLED
+    assert args.cuda_graph_config.decode.backend != Backend.DISABLED  # decode graphs stay on
+    assert os.environ["NCCL_GRAPH_MIXING_SUPPORT"] == "0"
+
+
+@pytest.mark.parametrize("flags", ["", "--dcp-size 1"], ids=["no-flag", "dcp1"])
+def test_dcp_1_is_stock_sglang(models, flags):
+    """Without DCP the resolved arguments equal those of SGLang's own ServerArgs."""
+    stock_class = DCPServerArgs.__mro__[1]
+    assert stock_class.__module__ == "sglang.srt.server_args" and stock_class is not DCPServerArgs
+    argv = ["--model-path", models["gqa1"], "--device", "cpu", "--tp", "2", "--random-seed", "0"]
+    parser = argparse.ArgumentParser()
+    stock_class.add_cli_args(parser)
+    stock = dataclasses.asdict(stock_class.from_cli_args(parser.parse_args(argv)))
+
+    args = parse(models, "gqa1", f"--tp 2 {flags} --random-seed 0 --log-level info")
+    assert (args.dcp_size, args.page_size, args.disable_prefill_cuda_graph) == (1, 1, False)
+    ours = dataclasses.asdict(args)
+    assert ours.pop("dcp_size") == 1
+    assert ours == stock
+
+
+# Starts a fresh interpreter that imports sglang and every plugin: ~10-30 s.
+def test_launch_server_help_lists_the_flag():
+    env = dict(os.environ, SGLANG_USE_CPU_ENGINE="1", COLUMNS="200")
+    env.setdefault("SGLANG_NCCL_SO_PATH", "/nonexistent/libnccl.so.2")
+    result = subprocess.run(
+        [sys.executable, "-m", "sglang.launch_server", "--help"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    line = "--dcp-size DCP_SIZE, --dcp DCP_SIZE, --decode-context-parallel-size DCP_SIZE"
+    assert line in result.stdout
+    assert "Decode context parallel size D" in result.stdout
+
+
+def test_hooks_applied():
+    import sglang.srt.entrypoints.engine as engine
+    import sglang.srt.server_args as server_args
+
+    require_hooks_applied()
+    assert server_args.ServerArgs is DCPServerArgs
+    assert engine.Engine.server_args_class is DCPServerArgs
+
+
+@pytest.mark.parametrize("target", [h.target for h in HOOKS], ids=lambda t: t.rsplit(".", 1)[-1])
+def test_missing_hook_is_reported(models, monkeypatch, target):
+    monkeypatch.setattr(HookRegistry, "_patched", HookRegistry._patched - {target})
+    with pytest.raises(RuntimeError, match="hooks did not apply") as excinfo:
+        require_hooks_applied()
+    assert str(excinfo.value).endswith(f": {target}")
+    # The launching process checks it for --dcp-size > 1 only.
+    with pytest.raises(RuntimeError, match=re.escape(target)):
+        parse(models, "gqa1", "--tp 2 --dcp-size 2")
+    assert parse(models, "gqa1", "--tp 2").dcp_size == 1
