@@ -11,8 +11,8 @@ import os
 
 import pytest
 
-from engine_compare import compare, mixed_scenario, run_engine
-from models import write_random_gqa_model
+from sglang_dcp.test.engine_compare import compare, mixed_scenario, run_engine
+from sglang_dcp.test.models import write_random_gqa_model
 
 pytestmark = pytest.mark.e2e
 

@@ -18,27 +18,22 @@ model folders hold only a config.json. Covered:
 """
 
 import os
+import argparse
+import dataclasses
+import logging
+import re
+import shlex
+import subprocess
+import sys
 
-# Read when sglang is imported: CPU rotary embedding, no PyNccl on a CUDA build of torch.
-os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
-os.environ.setdefault("SGLANG_NCCL_SO_PATH", "/nonexistent/libnccl.so.2")
+import pytest
+from sglang.srt.model_executor.cuda_graph_config import Backend
+from sglang.srt.plugins.hook_registry import HookRegistry
+from transformers import AutoConfig
 
-import argparse  # noqa: E402
-import dataclasses  # noqa: E402
-import logging  # noqa: E402
-import re  # noqa: E402
-import shlex  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-
-import pytest  # noqa: E402
-from sglang.srt.model_executor.cuda_graph_config import Backend  # noqa: E402
-from sglang.srt.plugins.hook_registry import HookRegistry  # noqa: E402
-from transformers import AutoConfig  # noqa: E402
-
-from models import write_dummy_gqa_model  # noqa: E402  (test/srt/models.py)
-from sglang_dcp.hooks import HOOKS, require_hooks_applied  # noqa: E402
-from sglang_dcp.server_args import DCPConfigError, DCPServerArgs  # noqa: E402
+from sglang_dcp.test.models import write_dummy_gqa_model
+from sglang_dcp.hooks import HOOKS, require_hooks_applied
+from sglang_dcp.server_args import DCPConfigError, DCPServerArgs
 
 # Small dimensions shared by every model folder.
 SMALL = dict(

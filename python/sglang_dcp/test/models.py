@@ -18,8 +18,8 @@ Two kinds of folder:
 
 Command line::
 
-    python test/srt/models.py smollm2 OUT_DIR [--heads 12]
-    python test/srt/models.py dummy OUT_DIR --heads 4 --kv-heads 1 [...]
+    python -m sglang_dcp.test.models smollm2 OUT_DIR [--heads 12]
+    python -m sglang_dcp.test.models dummy OUT_DIR --heads 4 --kv-heads 1 [...]
 """
 
 import argparse
@@ -58,6 +58,7 @@ def write_dummy_gqa_model(
     architecture: str = "Qwen3ForCausalLM",
     torch_dtype: str = "float32",
     max_position_embeddings: int = 4096,
+    initializer_range: float = 0.02,
 ) -> str:
     """Write config.json and generation_config.json for a random-weight GQA model.
 
@@ -91,6 +92,7 @@ def write_dummy_gqa_model(
         intermediate_size=intermediate_size,
         vocab_size=vocab_size,
         max_position_embeddings=max_position_embeddings,
+        initializer_range=initializer_range,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         rms_norm_eps=1e-6,
         tie_word_embeddings=False,

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The GPU proof of the FlashInfer DCP backend, run on the GPU machine from the repo root:
+#
+#   bash benchmark/dcp/gpu_check.sh [STAGE ...]     (no STAGE: all of them, in this order)
+#
+#   install  the offline SGLang 0.5.14 bundle (.device, built by ../shared/device/make_bundle.sh)
+#            into /tmp/site if missing, then this package, without network
+#   kernels  test/srt/gpu/test_gpu_kernels.py: Triton merge + index kernels, DCP partial
+#            attention + merge against float64 full attention (D = 2, 4)
+#   e2e-tp2  test/srt/gpu/test_e2e_gpu.py at tp=2 (1 KV head): dcp 1 vs 2, CUDA graphs on/off
+#   e2e-tp4  the same at tp=4 (2 KV heads); needs 4 GPUs
+#   http     benchmark/dcp/http_check.py: launch_server --tp 2 --dcp 2, /generate,
+#            /v1/completions, sglang.bench_serving
+#   summary  prints the table of every stage run so far and writes $OUT/gpu_check.json
+#
+# Logs and per-stage results collect in $WORK (default /tmp/dcp_gpu_work, kept while the
+# machine is warm); the summary stage also packs the logs into $OUT/gpu_check_logs.tgz.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+WORK=${WORK:-/tmp/dcp_gpu_work}
+OUT=${OUT:-$WORK/out}
+mkdir -p "$WORK" "$OUT"
+stages=("$@")
+[ ${#stages[@]} -eq 0 ] && stages=(install kernels e2e-tp2 e2e-tp4 http summary)
+
+setup_env() {
+  export PYTHONPATH=/tmp/site
+  eval "$(python3 /tmp/site/sgl_offline_env.py)"
+}
+
+run_stage() {  # name, command...: log to $WORK/<name>.log, record the exit code
+  local name=$1; shift
+  local t0=$SECONDS
+  echo "=== $name: $*"
+  "$@" > "$WORK/$name.log" 2>&1
+  local rc=$?
+  echo "{\"stage\": \"$name\", \"returncode\": $rc, \"seconds\": $((SECONDS - t0))}" > "$WORK/stage_$name.json"
+  tail -n 5 "$WORK/$name.log"
+  echo "=== $name: rc=$rc in $((SECONDS - t0)) s"
+}
+
+for stage in "${stages[@]}"; do
+  case $stage in
+    install)
+      [ -f /tmp/site/sgl_offline_env.py ] || bash .device/install.sh
+      rm -rf build
+      python3 -m pip install -q --no-deps --no-index --no-build-isolation --upgrade --target /tmp/site .
+      ;;
+    kernels)
+      setup_env
+      run_stage kernels python3 -m pytest -q -p no:cacheprovider test/srt/gpu/test_gpu_kernels.py \
+        --junitxml "$WORK/kernels.xml"
+      ;;
+    e2e-tp2|e2e-tp4)
+      setup_env
+      DCP_RESULTS_DIR=$WORK run_stage "$stage" python3 -m pytest -q -s -p no:cacheprovider \
+        test/srt/gpu/test_e2e_gpu.py -k "${stage#e2e-}" --junitxml "$WORK/$stage.xml"
+      ;;
+    http)
+      setup_env
+      run_stage http python3 benchmark/dcp/http_check.py --tp 2 --dcp 2 --out "$WORK"
+      ;;
+    summary)
+      python3 benchmark/dcp/gpu_summary.py "$WORK" "$OUT/gpu_check.json"
+      tar czf "$OUT/gpu_check_logs.tgz" -C "$WORK" $(cd "$WORK" && ls *.log 2>/dev/null)
+      ;;
+    *) echo "unknown stage $stage"; exit 2 ;;
+  esac
+done

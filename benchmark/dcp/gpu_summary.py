@@ -1,0 +1,78 @@
+"""Summarise the stages of gpu_check.sh found in WORK: print a table, write JSON.
+
+    python benchmark/dcp/gpu_summary.py WORK_DIR OUT_JSON
+"""
+
+import datetime
+import glob
+import json
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+
+
+def gpu_name() -> str:
+    try:
+        names = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                               capture_output=True, text=True).stdout.split("\n")
+        names = [n for n in names if n]
+        return f"{len(names)}x {names[0]}" if names else "no GPU"
+    except OSError:
+        return "no GPU"
+
+
+def junit_counts(path: str) -> str:
+    suite = ET.parse(path).getroot()
+    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+    total, failed = int(suite.get("tests")), int(suite.get("failures")) + int(suite.get("errors"))
+    skipped = int(suite.get("skipped"))
+    return f"{total - failed - skipped} passed, {failed} failed, {skipped} skipped"
+
+
+def main():
+    work, out_json = sys.argv[1], sys.argv[2]
+    summary = {
+        "card": gpu_name(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "stages": {},
+        "e2e": {},
+    }
+    for path in sorted(glob.glob(os.path.join(work, "stage_*.json"))):
+        with open(path) as f:
+            stage = json.load(f)
+        xml = os.path.join(work, f"{stage['stage']}.xml")
+        if os.path.exists(xml):
+            stage["tests"] = junit_counts(xml)
+        summary["stages"][stage["stage"]] = stage
+    for path in sorted(glob.glob(os.path.join(work, "e2e_*.json"))):
+        with open(path) as f:
+            result = json.load(f)
+        summary["e2e"][result["case"]] = result
+    http = os.path.join(work, "http_check.json")
+    if os.path.exists(http):
+        with open(http) as f:
+            summary["http"] = json.load(f)
+    with open(out_json, "w") as f:
+        json.dump(summary, f, indent=1)
+
+    print(f"\nGPU check on {summary['card']}, {summary['date']}")
+    print(f"{'stage':10} {'rc':>3} {'s':>5}  tests")
+    for name, stage in summary["stages"].items():
+        print(f"{name:10} {stage['returncode']:>3} {stage['seconds']:>5}  {stage.get('tests', '')}")
+    print(f"\n{'e2e case':10} {'run':12} {'requests':>8} {'identical':>9} {'max |dlogp|':>11} {'capacity':>18}")
+    for case, result in summary["e2e"].items():
+        for run in ("dcp2-graphs", "dcp2-eager"):
+            if run in result:
+                r = result[run]
+                print(f"{case:10} {run:12} {result['num_requests']:>8} {r['identical_fraction']:>9.3f} "
+                      f"{r['max_logprob_diff']:>11.4f} {result['reference_capacity']:>8} -> {r['capacity']}")
+    if "http" in summary:
+        h = summary["http"]
+        print(f"\nhttp tp{h['tp']} dcp{h['dcp']}: /generate {h['generate']['status']}, "
+              f"/v1/completions {h['completions']['status']}, bench_serving "
+              f"{h['bench_serving']['completed']}/{h['bench_serving']['num_prompts']}, ok={h['ok']}")
+
+
+if __name__ == "__main__":
+    main()

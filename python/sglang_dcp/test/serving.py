@@ -1,0 +1,113 @@
+"""An SGLang HTTP server for checks and benchmarks, and the files it needs offline.
+
+``write_byte_tokenizer`` trains a small byte-level BPE tokenizer on generated text (no
+download), ``write_sharegpt_json`` writes prompts in the ShareGPT format that
+``sglang.bench_serving --dataset-name random`` samples from, and ``Server`` runs
+``python -m sglang.launch_server`` in its own process group on 127.0.0.1.
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from typing import List, Optional
+
+WORDS = (
+    "the of and to in is was for on are with as by at from this that have not but all "
+    "can more one time two new first about after year number water people field table "
+    "system model token cache layer head rank group decode prefill batch memory"
+).split()
+
+
+def random_text(rng: random.Random, num_words: int) -> str:
+    return " ".join(rng.choice(WORDS) + rng.choice(["", "s", "ed", "ing", "er"]) for _ in range(num_words))
+
+
+def write_byte_tokenizer(model_dir: str, vocab_size: int) -> None:
+    """Train a byte-level BPE tokenizer of at most ``vocab_size`` tokens into ``model_dir``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    rng = random.Random(0)
+    tokenizer.train_from_iterator((random_text(rng, 64) for _ in range(2000)), trainer)
+    tokenizer.save(os.path.join(model_dir, "tokenizer.json"))
+    with open(os.path.join(model_dir, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<eos>"}, f)
+
+
+def write_sharegpt_json(path: str, num_conversations: int, words_per_turn: int = 400) -> str:
+    rng = random.Random(1)
+    conversations = [
+        {"conversations": [{"value": random_text(rng, words_per_turn)}, {"value": random_text(rng, 64)}]}
+        for _ in range(num_conversations)
+    ]
+    with open(path, "w") as f:
+        json.dump(conversations, f)
+    return path
+
+
+def http_json(url: str, body: Optional[dict] = None, timeout: float = 600):
+    """GET (no body) or POST JSON; returns ``(status, parsed JSON or text)``."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            text = response.read().decode()
+            status = response.status
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+    try:
+        return status, json.loads(text)
+    except ValueError:
+        return status, text
+
+
+class Server:
+    """``python -m sglang.launch_server`` on 127.0.0.1, as a context manager."""
+
+    def __init__(self, args: List[str], port: int, log_path: str, wait_s: float = 900):
+        self.args, self.port, self.log_path, self.wait_s = args, port, log_path, wait_s
+        self.url = f"http://127.0.0.1:{port}"
+
+    def __enter__(self) -> "Server":
+        cmd = [sys.executable, "-m", "sglang.launch_server", *self.args,
+               "--host", "127.0.0.1", "--port", str(self.port)]
+        self.log = open(self.log_path, "w")
+        self.process = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + self.wait_s
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}; see {self.log_path}")
+            try:
+                if http_json(self.url + "/health_generate", timeout=5)[0] == 200:
+                    return self
+            except OSError:
+                pass
+            time.sleep(2)
+        self.__exit__()
+        raise TimeoutError(f"server not ready after {self.wait_s} s; see {self.log_path}")
+
+    def __exit__(self, *exc_info) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self.log.close()
+
+    def server_info(self) -> dict:
+        return http_json(self.url + "/get_server_info")[1]

@@ -1,0 +1,206 @@
+"""CUDA kernels of the DCP path against float64 references (skipped without a GPU).
+
+The D ranks of a DCP group are simulated in one process: each rank's KV pool holds the
+tokens it owns (slot ``loc`` -> rank ``loc % D``, row ``loc // D``), FlashInfer computes
+its partial result over them with the gathered heads, ``scale_own_partial_triton``
+applies its weight, and the sum over ranks (what the reduce-scatter computes) must equal
+full attention. Outputs are poisoned with NaN through the caching allocator beforehand,
+so an element a kernel fails to write shows up as NaN.
+"""
+
+import math
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+HEAD_DIM = 128
+BF16_REL_TOL = 2e-2  # bf16 inputs and outputs, fp32 accumulation
+
+
+def poison_cuda_cache(num_bytes: int = 1 << 30) -> None:
+    """Leave NaN in freed caching-allocator blocks, so later ``torch.empty`` sees NaN."""
+    poison = torch.full((num_bytes // 4,), float("nan"), device="cuda")
+    del poison
+
+
+def rel_err(x, ref) -> float:
+    assert not torch.isnan(x).any(), "unwritten (NaN-poisoned) output"
+    return ((x.double() - ref).norm() / ref.norm()).item()
+
+
+def reference(q, k, v, scale, q_pos=None):
+    """float64 attention of ``q [Tq, H, d]`` over ``k, v [Tk, 1, d]``; query ``i`` sees keys
+    ``<= q_pos[i]`` if given. Returns ``o [Tq, H, d]`` and base-2 ``lse [Tq, H]``."""
+    s = torch.einsum("qhd,kd->hqk", q.double(), k[:, 0].double()) * scale
+    if q_pos is not None:
+        future = torch.arange(k.shape[0], device=q.device)[None, :] > q_pos[:, None]
+        s = s.masked_fill(future, -math.inf)
+    lse = torch.logsumexp(s, -1)
+    o = torch.einsum("hqk,kd->qhd", torch.softmax(s, -1), v[:, 0].double())
+    return o, (lse / math.log(2)).T
+
+
+class ShardedKV:
+    """Logical slots for a batch (request ``b`` at base ``(b + 1) * stride``, a multiple of
+    D, so ``loc % D == pos % D``) and each rank's pool of the tokens it owns."""
+
+    def __init__(self, seq_lens, dcp, k, v):
+        self.dcp = dcp
+        stride = dcp * (max(seq_lens) + 64)
+        self.req_to_token = torch.zeros((len(seq_lens) + 1, stride), dtype=torch.int32, device="cuda")
+        locs = []
+        for b, n in enumerate(seq_lens):
+            loc = (b + 1) * stride + torch.arange(n, device="cuda")
+            self.req_to_token[b, :n] = loc.to(torch.int32)
+            locs.append(loc)
+        loc = torch.cat(locs)
+        rows = (len(seq_lens) + 2) * stride // dcp
+        self.pools = []
+        for r in range(dcp):
+            kp = torch.zeros((rows, 1, HEAD_DIM), dtype=torch.bfloat16, device="cuda")
+            vp = torch.zeros_like(kp)
+            mine = loc % dcp == r
+            kp[loc[mine] // dcp] = k[mine]
+            vp[loc[mine] // dcp] = v[mine]
+            self.pools.append((kp, vp))
+
+    def local_kv(self, r, lens):
+        from sglang_dcp.layers.attention.flashinfer_dcp_backend import exclusive_cumsum
+        from sglang_dcp.layers.attention.triton_ops import dcp_kv_indices_triton
+        from sglang_dcp.mem_cache.layout import local_seq_lens
+
+        lens = torch.tensor(lens, dtype=torch.int32)
+        local = local_seq_lens(lens, self.dcp, r)
+        indptr_cpu = exclusive_cumsum(local)
+        indices = torch.empty(int(indptr_cpu[-1]), dtype=torch.int32, device="cuda")
+        req_pool_indices = torch.arange(len(lens), dtype=torch.int64, device="cuda")
+        dcp_kv_indices_triton(
+            self.req_to_token, req_pool_indices, local.cuda(), indptr_cpu.cuda(), indices, self.dcp, r
+        )
+        return indptr_cpu, indices
+
+
+def random_bf16(*shape):
+    return torch.randn(*shape, device="cuda").to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("num_ranks", [2, 3, 4, 8])
+def test_scale_kernel_matches_torch(num_ranks):
+    from sglang_dcp.layers.attention.merge import scale_own_partial_torch
+    from sglang_dcp.layers.attention.triton_ops import scale_own_partial_triton
+
+    torch.manual_seed(num_ranks)
+    o = random_bf16(33, 16, HEAD_DIM)
+    lse = torch.randn(num_ranks, 33, 16, device="cuda") * 20
+    lse[0, :5] = -math.inf  # one empty shard
+    lse[:, 7] = -math.inf  # every shard empty
+    for rank in range(num_ranks):
+        poison_cuda_cache()
+        out, merged = scale_own_partial_triton(o, lse, rank)
+        ref_out, ref_merged = scale_own_partial_torch(o.double(), lse.double(), rank)
+        assert not torch.isnan(out).any() and not torch.isnan(merged).any()
+        assert torch.allclose(out.double(), ref_out, rtol=1e-5, atol=1e-6)
+        assert torch.equal(torch.isinf(merged), torch.isinf(ref_merged))
+        finite = torch.isfinite(ref_merged)
+        assert torch.allclose(merged.double()[finite], ref_merged[finite], rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("dcp", [2, 4])
+def test_kv_indices_kernel(dcp):
+    from sglang_dcp.mem_cache.layout import local_token_rows
+
+    seq_lens = [1, 2, 3, 700, 4099]
+    k = random_bf16(sum(seq_lens), 1, HEAD_DIM)
+    kv = ShardedKV(seq_lens, dcp, k, k)
+    for r in range(dcp):
+        indptr, indices = kv.local_kv(r, seq_lens)
+        for b, n in enumerate(seq_lens):
+            expected = local_token_rows(kv.req_to_token[b], n, dcp, r)
+            assert torch.equal(indices[indptr[b] : indptr[b + 1]].long(), expected.long())
+
+
+@pytest.mark.parametrize("use_tensor_cores", [False, True])
+@pytest.mark.parametrize("dcp", [2, 4])
+def test_decode_partials_merge_to_full_attention(dcp, use_tensor_cores):
+    from flashinfer import BatchDecodeWithPagedKVCacheWrapper
+
+    from sglang_dcp.layers.attention.triton_ops import scale_own_partial_triton
+
+    torch.manual_seed(dcp)
+    seq_lens = [1, 2, 7, 300, 4097]  # 1 and 2 leave some ranks without tokens
+    heads = 8 * dcp  # 8 query heads per rank, gathered over the group, one KV head
+    q = random_bf16(len(seq_lens), heads, HEAD_DIM)
+    k, v = random_bf16(sum(seq_lens), 1, HEAD_DIM), random_bf16(sum(seq_lens), 1, HEAD_DIM)
+    kv = ShardedKV(seq_lens, dcp, k, v)
+    scale = HEAD_DIM**-0.5
+    workspace = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+
+    partials = []
+    for r in range(dcp):
+        indptr, indices = kv.local_kv(r, seq_lens)
+        wrapper = BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=use_tensor_cores)
+        wrapper.plan(indptr, indices, torch.ones(len(seq_lens), dtype=torch.int32), heads, 1,
+                     HEAD_DIM, 1, data_type=torch.bfloat16, q_data_type=torch.bfloat16)
+        poison_cuda_cache()
+        partials.append(wrapper.forward_return_lse(q, kv.pools[r], sm_scale=scale))
+    lse_all = torch.stack([lse for _, lse in partials])
+    merged = sum(scale_own_partial_triton(o, lse_all, r)[0] for r, (o, _) in enumerate(partials))
+    merged_lse = scale_own_partial_triton(partials[0][0], lse_all, 0)[1]
+
+    starts = [0] + list(torch.tensor(seq_lens).cumsum(0)[:-1].tolist())
+    for b, (start, n) in enumerate(zip(starts, seq_lens)):
+        o_ref, lse_ref = reference(q[b : b + 1], k[start : start + n], v[start : start + n], scale)
+        assert rel_err(merged[b : b + 1], o_ref) < BF16_REL_TOL, (b, n)
+        assert torch.allclose(merged_lse[b].double(), lse_ref[0], atol=1e-2), (b, n)
+
+
+@pytest.mark.parametrize("dcp", [2, 4])
+def test_extend_partials_merge_to_full_attention(dcp):
+    from flashinfer import BatchPrefillWithPagedKVCacheWrapper, BatchPrefillWithRaggedKVCacheWrapper
+
+    from sglang_dcp.layers.attention.flashinfer_dcp_backend import exclusive_cumsum
+    from sglang_dcp.layers.attention.merge import merge_states
+    from sglang_dcp.layers.attention.triton_ops import scale_own_partial_triton
+
+    torch.manual_seed(10 + dcp)
+    prefix_lens, extend_lens = [0, 3, 64, 1000, 1], [5, 1, 17, 40, 2]
+    heads = 4 * dcp
+    seq_lens = [p + e for p, e in zip(prefix_lens, extend_lens)]
+    k_all, v_all = random_bf16(sum(seq_lens), 1, HEAD_DIM), random_bf16(sum(seq_lens), 1, HEAD_DIM)
+    kv = ShardedKV(seq_lens, dcp, k_all, v_all)
+    seq_starts = [0] + torch.tensor(seq_lens).cumsum(0)[:-1].tolist()
+    new = torch.cat([torch.arange(s + p, s + p + e) for s, p, e in zip(seq_starts, prefix_lens, extend_lens)]).cuda()
+    q = random_bf16(sum(extend_lens), heads, HEAD_DIM)
+    scale = HEAD_DIM**-0.5
+    workspace = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    qo_indptr = exclusive_cumsum(torch.tensor(extend_lens, dtype=torch.int32))
+
+    ragged = BatchPrefillWithRaggedKVCacheWrapper(workspace, "NHD")
+    ragged.plan(qo_indptr, qo_indptr, heads, 1, HEAD_DIM, causal=True, q_data_type=torch.bfloat16)
+    poison_cuda_cache()
+    o_new, lse_new = ragged.forward_return_lse(q, k_all[new], v_all[new], causal=True, sm_scale=scale)
+
+    partials = []
+    for r in range(dcp):
+        indptr, indices = kv.local_kv(r, prefix_lens)
+        paged = BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD")
+        paged.plan(qo_indptr, indptr, indices, torch.ones(len(seq_lens), dtype=torch.int32), heads, 1,
+                   HEAD_DIM, 1, causal=False, q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16)
+        poison_cuda_cache()
+        partials.append(paged.forward_return_lse(q, kv.pools[r], causal=False, sm_scale=scale))
+    lse_all = torch.stack([lse for _, lse in partials])
+    o_pre = sum(scale_own_partial_triton(o, lse_all, r)[0] for r, (o, _) in enumerate(partials))
+    lse_pre = scale_own_partial_triton(partials[0][0], lse_all, 0)[1]
+    merged, _ = merge_states([o_new, o_pre], [lse_new, lse_pre], 2.0)
+
+    q_start = 0
+    for s, p, e in zip(seq_starts, prefix_lens, extend_lens):
+        positions = torch.arange(p, p + e, device="cuda")
+        o_ref, _ = reference(q[q_start : q_start + e], k_all[s : s + p + e], v_all[s : s + p + e], scale, positions)
+        assert rel_err(merged[q_start : q_start + e], o_ref) < BF16_REL_TOL, (p, e)
+        q_start += e
