@@ -81,7 +81,7 @@ def dcp_is_initialized() -> bool:
 
 def all_gather_along_dim(group: GroupCoordinator, x: torch.Tensor, dim: int) -> torch.Tensor:
     """Concatenate every rank's ``x`` along ``dim`` in rank order (contiguous result)."""
-    return group.all_gather(x, dim=dim).contiguous()
+    return group.all_gather(x.contiguous(), dim=dim).contiguous()
 
 
 def reduce_scatter_along_dim(

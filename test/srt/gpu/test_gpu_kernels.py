@@ -70,17 +70,13 @@ class ShardedKV:
             self.pools.append((kp, vp))
 
     def local_kv(self, r, lens):
-        from sglang_dcp.layers.attention.flashinfer_dcp_backend import exclusive_cumsum
-        from sglang_dcp.layers.attention.triton_ops import dcp_kv_indices_triton
-        from sglang_dcp.mem_cache.layout import local_seq_lens
+        """``(indptr on host, indices)`` of rank ``r``, as the DCP backend builds them."""
+        from sglang_dcp.layers.attention.flashinfer_dcp_backend import local_kv_indices
 
         lens = torch.tensor(lens, dtype=torch.int32)
-        local = local_seq_lens(lens, self.dcp, r)
-        indptr_cpu = exclusive_cumsum(local)
-        indices = torch.empty(int(indptr_cpu[-1]), dtype=torch.int32, device="cuda")
         req_pool_indices = torch.arange(len(lens), dtype=torch.int64, device="cuda")
-        dcp_kv_indices_triton(
-            self.req_to_token, req_pool_indices, local.cuda(), indptr_cpu.cuda(), indices, self.dcp, r
+        indptr_cpu, _, indices = local_kv_indices(
+            self.req_to_token, req_pool_indices, lens.cuda(), lens, self.dcp, r
         )
         return indptr_cpu, indices
 
@@ -112,6 +108,7 @@ def test_scale_kernel_matches_torch(num_ranks):
 
 @pytest.mark.parametrize("dcp", [2, 4])
 def test_kv_indices_kernel(dcp):
+    from sglang_dcp.layers.attention.flashinfer_dcp_backend import KV_INDICES_PADDING
     from sglang_dcp.mem_cache.layout import local_token_rows
 
     seq_lens = [1, 2, 3, 700, 4099]
@@ -119,21 +116,26 @@ def test_kv_indices_kernel(dcp):
     kv = ShardedKV(seq_lens, dcp, k, k)
     for r in range(dcp):
         indptr, indices = kv.local_kv(r, seq_lens)
+        assert len(indices) == int(indptr[-1]) + KV_INDICES_PADDING
         for b, n in enumerate(seq_lens):
             expected = local_token_rows(kv.req_to_token[b], n, dcp, r)
             assert torch.equal(indices[indptr[b] : indptr[b + 1]].long(), expected.long())
 
 
-@pytest.mark.parametrize("use_tensor_cores", [False, True])
+@pytest.mark.parametrize("heads_per_rank", [1, 8])
 @pytest.mark.parametrize("dcp", [2, 4])
-def test_decode_partials_merge_to_full_attention(dcp, use_tensor_cores):
+def test_decode_partials_merge_to_full_attention(dcp, heads_per_rank):
+    """Query heads of every rank gathered over one KV head; the backend's choice of
+    tensor-core decode (group size >= 4) or CUDA-core decode (1 head per rank at D=2)."""
     from flashinfer import BatchDecodeWithPagedKVCacheWrapper
+    from sglang.srt.layers.attention.flashinfer_backend import should_use_tensor_core
 
     from sglang_dcp.layers.attention.triton_ops import scale_own_partial_triton
 
     torch.manual_seed(dcp)
     seq_lens = [1, 2, 7, 300, 4097]  # 1 and 2 leave some ranks without tokens
-    heads = 8 * dcp  # 8 query heads per rank, gathered over the group, one KV head
+    heads = heads_per_rank * dcp
+    use_tensor_cores = should_use_tensor_core(torch.bfloat16, heads, 1)
     q = random_bf16(len(seq_lens), heads, HEAD_DIM)
     k, v = random_bf16(sum(seq_lens), 1, HEAD_DIM), random_bf16(sum(seq_lens), 1, HEAD_DIM)
     kv = ShardedKV(seq_lens, dcp, k, v)

@@ -37,11 +37,40 @@ from sglang_dcp.layers.attention.triton_ops import dcp_kv_indices_triton
 from sglang_dcp.mem_cache.layout import local_seq_lens
 
 
+# FlashInfer may read a tile of indices past the last one; SGLang pads its buffers the same way.
+KV_INDICES_PADDING = 256
+
+
 def exclusive_cumsum(lens: torch.Tensor) -> torch.Tensor:
     """``[0, l0, l0 + l1, ...]`` as int32 (an indptr)."""
     indptr = lens.new_zeros(lens.shape[0] + 1, dtype=torch.int32)
     indptr[1:] = torch.cumsum(lens, dim=0)
     return indptr
+
+
+def local_kv_indices(
+    req_to_token, req_pool_indices, lens, lens_cpu, dcp_size, dcp_rank, kv_indptr=None, kv_indices=None
+):
+    """FlashInfer's view of the first ``lens`` tokens of each request stored on ``dcp_rank``.
+
+    Returns ``(indptr on host, indptr, indices)`` over the local lengths; the indices are
+    written into ``kv_indptr``/``kv_indices`` when given (CUDA-graph buffers), else into a
+    new tensor with ``KV_INDICES_PADDING`` spare entries.
+    """
+    local_lens = local_seq_lens(lens.to(torch.int32), dcp_size, dcp_rank)
+    indptr_cpu = exclusive_cumsum(local_seq_lens(lens_cpu.to(torch.int32), dcp_size, dcp_rank))
+    if kv_indptr is None:
+        kv_indptr = exclusive_cumsum(local_lens)
+        kv_indices = torch.empty(
+            int(indptr_cpu[-1]) + KV_INDICES_PADDING, dtype=torch.int32, device=lens.device
+        )
+    else:
+        kv_indptr = kv_indptr[: local_lens.shape[0] + 1]
+        kv_indptr[1:] = torch.cumsum(local_lens, dim=0)
+    dcp_kv_indices_triton(
+        req_to_token, req_pool_indices, local_lens, kv_indptr, kv_indices, dcp_size, dcp_rank
+    )
+    return indptr_cpu, kv_indptr, kv_indices
 
 
 class FlashInferDCPAttnBackend(DCPAttnBackend):
@@ -83,23 +112,10 @@ class FlashInferDCPAttnBackend(DCPAttnBackend):
 
     # ---- metadata -------------------------------------------------------------------
     def _local_kv(self, req_pool_indices, lens, lens_cpu, kv_indptr=None, kv_indices=None):
-        """Local ``(indptr on host, indptr, indices)`` of the first ``lens`` tokens of each
-        request; written into ``kv_indptr``/``kv_indices`` when given (graph buffers)."""
-        local_lens = local_seq_lens(lens.to(torch.int32), self.dcp_size, self.dcp_rank)
-        indptr_cpu = exclusive_cumsum(
-            local_seq_lens(lens_cpu.to(torch.int32), self.dcp_size, self.dcp_rank)
+        return local_kv_indices(
+            self.req_to_token, req_pool_indices, lens, lens_cpu, self.dcp_size, self.dcp_rank,
+            kv_indptr, kv_indices,
         )
-        if kv_indptr is None:
-            kv_indptr = exclusive_cumsum(local_lens)
-            kv_indices = torch.empty(int(indptr_cpu[-1]), dtype=torch.int32, device=self.device)
-        else:
-            kv_indptr = kv_indptr[: local_lens.shape[0] + 1]
-            kv_indptr[1:] = torch.cumsum(local_lens, dim=0)
-        dcp_kv_indices_triton(
-            self.req_to_token, req_pool_indices, local_lens, kv_indptr, kv_indices,
-            self.dcp_size, self.dcp_rank,
-        )
-        return indptr_cpu, kv_indptr, kv_indices
 
     def _decode_plan_args(self):
         return dict(
@@ -153,7 +169,9 @@ class FlashInferDCPAttnBackend(DCPAttnBackend):
         self.graph_kv_indptr = torch.zeros(max_bs + 1, dtype=torch.int32, device=self.device)
         self.graph_kv_last_page_len = torch.ones(max_bs, dtype=torch.int32, device=self.device)
         self.graph_kv_indices = torch.zeros(
-            max_bs * self.max_local_context_len, dtype=torch.int32, device=self.device
+            max_bs * self.max_local_context_len + KV_INDICES_PADDING,
+            dtype=torch.int32,
+            device=self.device,
         )
 
     def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
