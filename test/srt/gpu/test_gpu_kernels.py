@@ -19,6 +19,7 @@ pytestmark = [
 ]
 
 HEAD_DIM = 128
+PAGED_KERNEL_BACKEND = "fa2"  # the DCP backend's choice (flashinfer_dcp_backend.py)
 BF16_REL_TOL = 2e-2  # bf16 inputs and outputs, fp32 accumulation
 
 
@@ -145,7 +146,9 @@ def test_decode_partials_merge_to_full_attention(dcp, heads_per_rank):
     partials = []
     for r in range(dcp):
         indptr, indices = kv.local_kv(r, seq_lens)
-        wrapper = BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=use_tensor_cores)
+        wrapper = BatchDecodeWithPagedKVCacheWrapper(
+            workspace, "NHD", backend=PAGED_KERNEL_BACKEND, use_tensor_cores=use_tensor_cores
+        )
         wrapper.plan(indptr, indices, torch.ones(len(seq_lens), dtype=torch.int32), heads, 1,
                      HEAD_DIM, 1, data_type=torch.bfloat16, q_data_type=torch.bfloat16)
         poison_cuda_cache()
@@ -190,7 +193,7 @@ def test_extend_partials_merge_to_full_attention(dcp):
     partials = []
     for r in range(dcp):
         indptr, indices = kv.local_kv(r, prefix_lens)
-        paged = BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD")
+        paged = BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend=PAGED_KERNEL_BACKEND)
         paged.plan(qo_indptr, indptr, indices, torch.ones(len(seq_lens), dtype=torch.int32), heads, 1,
                    HEAD_DIM, 1, causal=False, q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16)
         poison_cuda_cache()

@@ -37,6 +37,9 @@ from sglang_dcp.layers.attention.triton_ops import dcp_kv_indices_triton
 from sglang_dcp.mem_cache.layout import local_seq_lens
 
 
+# As in SGLang's flashinfer backend: FA2 kernels for paged KV (the automatic choice is FA3
+# on Hopper), the automatic choice for the ragged new-token pass.
+PAGED_KERNEL_BACKEND = "fa2"
 # FlashInfer may read a tile of indices past the last one; SGLang pads its buffers the same way.
 KV_INDICES_PADDING = 256
 
@@ -97,7 +100,9 @@ class FlashInferDCPAttnBackend(DCPAttnBackend):
         )
         self.eager_decode_wrapper = self._new_decode_wrapper()
         self.ragged_wrapper = BatchPrefillWithRaggedKVCacheWrapper(self.workspace, "NHD")
-        self.prefix_wrapper = BatchPrefillWithPagedKVCacheWrapper(self.workspace, "NHD")
+        self.prefix_wrapper = BatchPrefillWithPagedKVCacheWrapper(
+            self.workspace, "NHD", backend=PAGED_KERNEL_BACKEND
+        )
         self.graph_decode_wrappers: Dict[int, BatchDecodeWithPagedKVCacheWrapper] = {}
         self.decode_wrapper = self.eager_decode_wrapper
 
@@ -105,6 +110,7 @@ class FlashInferDCPAttnBackend(DCPAttnBackend):
         return BatchDecodeWithPagedKVCacheWrapper(
             self.workspace,
             "NHD",
+            backend=PAGED_KERNEL_BACKEND,
             use_tensor_cores=self.decode_use_tensor_cores,
             use_cuda_graph=bool(graph_buffers),
             **graph_buffers,
