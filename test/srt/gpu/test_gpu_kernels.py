@@ -19,7 +19,6 @@ pytestmark = [
 ]
 
 HEAD_DIM = 128
-PAGED_KERNEL_BACKEND = "fa2"  # the DCP backend's choice (flashinfer_dcp_backend.py)
 BF16_REL_TOL = 2e-2  # bf16 inputs and outputs, fp32 accumulation
 
 
@@ -131,6 +130,7 @@ def test_decode_partials_merge_to_full_attention(dcp, heads_per_rank):
     from flashinfer import BatchDecodeWithPagedKVCacheWrapper
     from sglang.srt.layers.attention.flashinfer_backend import should_use_tensor_core
 
+    from sglang_dcp.layers.attention.flashinfer_dcp_backend import PAGED_KERNEL_BACKEND
     from sglang_dcp.layers.attention.triton_ops import scale_own_partial_triton
 
     torch.manual_seed(dcp)
@@ -168,7 +168,10 @@ def test_decode_partials_merge_to_full_attention(dcp, heads_per_rank):
 def test_extend_partials_merge_to_full_attention(dcp):
     from flashinfer import BatchPrefillWithPagedKVCacheWrapper, BatchPrefillWithRaggedKVCacheWrapper
 
-    from sglang_dcp.layers.attention.flashinfer_dcp_backend import exclusive_cumsum
+    from sglang_dcp.layers.attention.flashinfer_dcp_backend import (
+        PAGED_KERNEL_BACKEND,
+        exclusive_cumsum,
+    )
     from sglang_dcp.layers.attention.merge import merge_states
     from sglang_dcp.layers.attention.triton_ops import scale_own_partial_triton
 
