@@ -46,6 +46,7 @@ def engine_kwargs(tp_size, graphs):
         skip_tokenizer_init=True,
         grammar_backend="none",
         disable_cuda_graph=not graphs,
+        disable_prefill_cuda_graph=True,  # DCP's setting; the same eager prefill for both
         cuda_graph_max_bs_decode=80,
         random_seed=0,
         log_level="warning",
