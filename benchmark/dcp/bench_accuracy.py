@@ -17,7 +17,7 @@ import sys
 import tempfile
 
 from sglang_dcp.test.models import build_padded_smollm2
-from sglang_dcp.test.serving import Server
+from sglang_dcp.test.serving import Server, device_server_args
 
 STATE_HEADER = re.compile(r"^={40} \d+ ={40}$", re.MULTILINE)
 
@@ -27,12 +27,11 @@ def run_gsm8k(args, model, dcp_size, work):
     run_dir = os.path.join(work, f"dcp{dcp_size}")
     os.makedirs(run_dir, exist_ok=True)
     server_args = ["--model-path", model, "--tp-size", str(args.tp), "--dcp-size", str(dcp_size),
-                   "--device", args.device, "--grammar-backend", "none", "--random-seed", "0"]
+                   "--grammar-backend", "none", "--random-seed", "0",
+                   *device_server_args(args.device, args.tp)]
     if args.device == "cpu":  # six ranks share the host memory that SGLang profiles
-        server_args += ["--attention-backend", "torch_native", "--dtype", "float32",
-                        "--mem-fraction-static", "0.2", "--max-total-tokens", "65536"]
-    else:
-        server_args += ["--attention-backend", "flashinfer"]
+        server_args += ["--dtype", "float32", "--mem-fraction-static", "0.2",
+                        "--max-total-tokens", "65536"]
     with Server(server_args, args.port, os.path.join(run_dir, "server.log")):
         eval_run = subprocess.run(
             [sys.executable, "-m", "sglang.test.few_shot_gsm8k", "--data-path", args.gsm8k_path,
@@ -64,9 +63,6 @@ def main():
     parser.add_argument("--out", default="benchmark/dcp/results")
     args = parser.parse_args()
     args.gsm8k_path = os.path.abspath(args.gsm8k_path)
-    if args.device == "cpu":
-        os.environ.setdefault("SGLANG_CPU_OMP_THREADS_BIND", "|".join(
-            str(rank % os.cpu_count()) for rank in range(args.tp)))
     model = build_padded_smollm2(os.path.join(args.model_cache, "smollm2-135m-instruct-12qh"))
     work = tempfile.mkdtemp(prefix="dcp_gsm8k_")
     base, base_texts = run_gsm8k(args, model, 1, work)

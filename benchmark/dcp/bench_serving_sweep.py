@@ -23,7 +23,7 @@ import tempfile
 from tqdm import tqdm
 
 from sglang_dcp.test.models import write_dummy_gqa_model
-from sglang_dcp.test.serving import Server, write_byte_tokenizer
+from sglang_dcp.test.serving import Server, device_server_args, write_byte_tokenizer
 
 
 PROXY = dict(hidden_size=2048, num_hidden_layers=24, intermediate_size=6144, vocab_size=32000)
@@ -60,12 +60,11 @@ def bench(server, model, args, input_len, output_len, concurrency, num_prompts, 
 def run_config(model, args, dcp_size, work):
     """Everything measured on one server (``dcp_size`` 1 = plain TP)."""
     server_args = ["--model-path", model, "--load-format", "dummy", "--tp-size", str(args.tp),
-                   "--dcp-size", str(dcp_size), "--device", args.device, "--grammar-backend", "none",
+                   "--dcp-size", str(dcp_size), *device_server_args(args.device, args.tp),
+                   "--grammar-backend", "none",
                    "--max-total-tokens", str(args.kv_rows), "--context-length", str(args.context_length),
                    "--cuda-graph-max-bs-decode", str(max(args.concurrency)),
                    "--disable-prefill-cuda-graph", "--mem-fraction-static", str(args.mem_fraction)]
-    if args.device == "cpu":
-        server_args += ["--attention-backend", "torch_native"]
     label = "tp" if dcp_size == 1 else "tp+dcp"
     result = {"dcp": dcp_size, "latency": {}, "throughput": {}}
     with Server(server_args, args.port, os.path.join(work, f"server_dcp{dcp_size}.log")) as server, \

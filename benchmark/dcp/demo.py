@@ -14,7 +14,12 @@ import os
 import tempfile
 
 from sglang_dcp.test.models import write_random_gqa_model
-from sglang_dcp.test.serving import Server, http_json, write_byte_tokenizer
+from sglang_dcp.test.serving import (
+    Server,
+    device_server_args,
+    http_json,
+    write_byte_tokenizer,
+)
 
 PROMPTS = [
     "the cache of the decode rank",
@@ -26,12 +31,13 @@ PROMPTS = [
 
 def serve_and_ask(model, args, dcp_size, log_path):
     server_args = ["--model-path", model, "--tp-size", str(args.tp), "--dcp-size", str(dcp_size),
-                   "--device", args.device, "--grammar-backend", "none", "--random-seed", "0"]
+                   "--grammar-backend", "none", "--random-seed", "0",
+                   *device_server_args(args.device, args.tp)]
     if args.device == "cpu":
-        server_args += ["--attention-backend", "torch_native", "--dtype", "float32",
-                        "--mem-fraction-static", "0.05", "--max-total-tokens", "8192"]
+        server_args += ["--dtype", "float32", "--mem-fraction-static", "0.05",
+                        "--max-total-tokens", "8192"]
     else:
-        server_args += ["--attention-backend", "flashinfer", "--mem-fraction-static", "0.5"]
+        server_args += ["--mem-fraction-static", "0.5"]
     with Server(server_args, args.port, log_path) as server:
         capacity = server.server_info()["max_total_num_tokens"]
         status, outputs = http_json(server.url + "/generate", {
@@ -47,9 +53,6 @@ def main():
     parser.add_argument("--dcp", type=int, default=2)
     parser.add_argument("--port", type=int, default=30020)
     args = parser.parse_args()
-    if args.device == "cpu":
-        os.environ.setdefault("SGLANG_CPU_OMP_THREADS_BIND", "|".join(
-            str(rank % os.cpu_count()) for rank in range(args.tp)))
     work = tempfile.mkdtemp(prefix="dcp_demo_")
     model = write_random_gqa_model(
         os.path.join(work, "model"), num_attention_heads=4 * args.tp,

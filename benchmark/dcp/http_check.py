@@ -13,7 +13,13 @@ import sys
 import tempfile
 
 from sglang_dcp.test.models import write_random_gqa_model
-from sglang_dcp.test.serving import Server, http_json, write_byte_tokenizer, write_sharegpt_json
+from sglang_dcp.test.serving import (
+    Server,
+    device_server_args,
+    http_json,
+    write_byte_tokenizer,
+    write_sharegpt_json,
+)
 
 
 def main():
@@ -36,9 +42,8 @@ def main():
     write_byte_tokenizer(model, vocab_size=2048)
     dataset = write_sharegpt_json(os.path.join(work, "sharegpt.json"), 4 * args.num_prompts)
     result = {"tp": args.tp, "dcp": args.dcp}
-    backend = "flashinfer" if args.device == "cuda" else "torch_native"
     server_args = ["--model-path", model, "--tp-size", str(args.tp), "--dcp", str(args.dcp),
-                   "--device", args.device, "--attention-backend", backend,
+                   *device_server_args(args.device, args.tp),
                    "--grammar-backend", "none", "--cuda-graph-max-bs-decode", "64"]
     if args.device == "cpu":  # a small pool: CPU memory is shared by all ranks
         server_args += ["--mem-fraction-static", "0.05", "--max-total-tokens", "16384"]

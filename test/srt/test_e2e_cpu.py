@@ -8,7 +8,6 @@ top-5 logprobs within ``LOGPROB_TOL`` and exactly D times the logical KV capacit
 same memory settings.
 """
 
-import os
 
 import pytest
 
@@ -19,6 +18,7 @@ from sglang_dcp.test.engine_compare import (
     run_engine_isolated,
 )
 from sglang_dcp.test.models import write_random_gqa_model
+from sglang_dcp.test.serving import bind_cpu_threads
 
 pytestmark = pytest.mark.e2e
 
@@ -30,9 +30,7 @@ PROMPT_LENGTHS = [1, 5, 17, 33, 64, 150]  # 150 > CHUNKED_PREFILL_SIZE
 
 
 def cpu_engine_kwargs(tp_size: int) -> dict:
-    os.environ["SGLANG_CPU_OMP_THREADS_BIND"] = "|".join(
-        str(rank % os.cpu_count()) for rank in range(tp_size)
-    )
+    bind_cpu_threads(tp_size)
     return dict(
         device="cpu",
         tp_size=tp_size,

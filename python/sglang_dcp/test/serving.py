@@ -17,6 +17,8 @@ import urllib.error
 import urllib.request
 from typing import List, Optional
 
+from sglang_dcp.server_args import DCP_ATTENTION_BACKENDS
+
 WORDS = (
     "the of and to in is was for on are with as by at from this that have not but all "
     "can more one time two new first about after year number water people field table "
@@ -56,6 +58,20 @@ def write_sharegpt_json(path: str, num_conversations: int, words_per_turn: int =
     with open(path, "w") as f:
         json.dump(conversations, f)
     return path
+
+
+def bind_cpu_threads(tp_size: int) -> None:
+    """One OpenMP core per rank, round robin, for SGLang on CPU (read by the schedulers)."""
+    os.environ["SGLANG_CPU_OMP_THREADS_BIND"] = "|".join(
+        str(rank % os.cpu_count()) for rank in range(tp_size)
+    )
+
+
+def device_server_args(device: str, tp_size: int) -> List[str]:
+    """``--device`` and the attention backend DCP runs there (binding CPU threads on CPU)."""
+    if device == "cpu":
+        bind_cpu_threads(tp_size)
+    return ["--device", device, "--attention-backend", DCP_ATTENTION_BACKENDS[device]]
 
 
 def http_json(url: str, body: Optional[dict] = None, timeout: float = 600):
