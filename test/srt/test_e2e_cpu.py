@@ -8,7 +8,6 @@ top-5 logprobs within ``LOGPROB_TOL`` and exactly D times the logical KV capacit
 same memory settings.
 """
 
-
 import pytest
 
 from sglang_dcp.test.engine_compare import (
