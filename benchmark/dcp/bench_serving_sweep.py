@@ -139,7 +139,7 @@ def main():
     args.context_length = 4096 if args.smoke else CONTEXT_LEN
     results = {
         "title": f"TP{args.tp} vs TP{args.tp}+DCP{args.dcp}, {args.card or args.device}",
-        "card": args.card, "kv_rows_per_rank": args.kv_rows,
+        "card": args.card, "tp_size": args.tp, "dcp_size": args.dcp, "kv_rows_per_rank": args.kv_rows,
         "model": {"kind": "dummy-weight Qwen3 proxy, bf16", "num_attention_heads": 8 * args.tp,
                   "num_key_value_heads": args.tp // args.dcp, "head_dim": 128, **body},
         "tp": run_config(model, args, 1, work),

@@ -1,0 +1,64 @@
+"""Collect the latest benchmark results into ``results/summary.json`` (and print it).
+
+    python benchmark/dcp/summarize.py [--results benchmark/dcp/results]
+
+Reads ``serving_sweep.json`` (bench_serving_sweep.py) and ``accuracy.json``
+(bench_accuracy.py) when present; a figure whose benchmark has not run is ``null``.
+"""
+
+import argparse
+import datetime
+import json
+import os
+
+
+def load(results_dir, name):
+    path = os.path.join(results_dir, name)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def serving_figures(sweep):
+    """Capacity ratio, batch-1 TPOT overhead at 32k, best throughput gain at 32k input."""
+    if sweep is None:
+        return {"capacity_ratio": None, "tpot_overhead_bs1_32k": None, "throughput_gain_32k_max": None}
+    tp, dcp = sweep["tp"], sweep["tp+dcp"]
+    latency = tp["latency"].get("32768"), dcp["latency"].get("32768")
+    gains = [
+        dcp["throughput"][shape][c]["output_throughput"] / point["output_throughput"] - 1
+        for shape, points in tp["throughput"].items() if shape.startswith("32768x")
+        for c, point in points.items()
+    ]
+    return {
+        "capacity_ratio": sweep["capacity_ratio"],
+        "tpot_overhead_bs1_32k": (
+            latency[1]["median_tpot_ms"] / latency[0]["median_tpot_ms"] - 1 if all(latency) else None
+        ),
+        "throughput_gain_32k_max": max(gains) if gains else None,
+        "serving_card": sweep.get("card"),
+        "serving_config": {k: sweep[k] for k in ("tp_size", "dcp_size", "model", "kv_rows_per_rank")},
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results", default="benchmark/dcp/results")
+    args = parser.parse_args()
+    accuracy = load(args.results, "accuracy.json")
+    summary = {
+        "date": datetime.date.today().isoformat(),
+        **serving_figures(load(args.results, "serving_sweep.json")),
+        "attn_floor_ratio_bs64_32k": None,  # attention micro-benchmark not written yet
+        "gsm8k_identical_fraction": accuracy and accuracy["gsm8k_identical_fraction"],
+        "gsm8k": accuracy and {k: accuracy[k] for k in (
+            "model", "device", "tp", "dcp", "num_questions", "tp_only", "tp_dcp", "identical_answers")},
+    }
+    with open(os.path.join(args.results, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()
