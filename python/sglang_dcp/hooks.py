@@ -7,7 +7,7 @@ process (when the DCP group is created).
 """
 
 import contextlib
-from typing import NamedTuple, Union
+from typing import Callable, NamedTuple, Union
 
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
@@ -56,7 +56,7 @@ def no_fused_kv_store_with_dcp(original, forward_batch):
 
 class Hook(NamedTuple):
     target: str
-    hook: Union[type, callable]
+    hook: Union[type, Callable]
     kind: HookType
     why: str
 
