@@ -99,21 +99,22 @@ class DCPServerArgs(sglang_server_args.ServerArgs):
                 f"--dcp-size {self.dcp_size} runs on CUDA (flashinfer) or CPU "
                 f"(torch_native), not on device {device!r}."
             )
-        for flag, value in (
-            ("--attention-backend", self.attention_backend),
-            ("--prefill-attention-backend", self.prefill_attention_backend),
-            ("--decode-attention-backend", self.decode_attention_backend),
-        ):
-            if value not in (None, backend):
-                raise DCPConfigError(
-                    f"{flag} {value} has no DCP support; use --attention-backend {backend} "
-                    f"with --dcp-size {self.dcp_size} on {device}."
-                )
+        self._check_attention_backends(backend)
         self.attention_backend = backend
         # Captured prefill graphs take FlashInfer's paged-only extend path; DCP needs the
         # ragged + sharded-prefix path, so prefill runs eagerly (decode graphs stay on).
         self.disable_prefill_cuda_graph = True
         os.environ.setdefault("NCCL_GRAPH_MIXING_SUPPORT", "0")
+
+    def _check_attention_backends(self, backend: str):
+        """Every attention-backend setting is unset or ``backend``, DCP's on this device."""
+        for name in ("attention_backend", "prefill_attention_backend", "decode_attention_backend"):
+            value = getattr(self, name)
+            if value not in (None, backend):
+                raise DCPConfigError(
+                    f"--{name.replace('_', '-')} {value} has no DCP support; use "
+                    f"--attention-backend {backend} with --dcp-size {self.dcp_size}."
+                )
 
     def _check_dcp_resolved_args(self):
         d = self.dcp_size
@@ -122,13 +123,8 @@ class DCPServerArgs(sglang_server_args.ServerArgs):
                 f"--dcp-size {d} runs prefill without CUDA graphs; drop the prefill CUDA-graph "
                 f"backend from --cuda-graph-backend-prefill / --cuda-graph-config."
             )
-        for name in ("prefill_attention_backend", "decode_attention_backend"):
-            value = getattr(self, name)
-            if value not in (None, self.attention_backend):
-                raise DCPConfigError(
-                    f"--{name.replace('_', '-')} {value} has no DCP support; use "
-                    f"--attention-backend {self.attention_backend} with --dcp-size {d}."
-                )
+        # SGLang's own defaults may set a per-phase backend (e.g. prefill for some models).
+        self._check_attention_backends(DCP_ATTENTION_BACKENDS[self.device])
 
     def _check_dcp_model(self):
         d = self.dcp_size
