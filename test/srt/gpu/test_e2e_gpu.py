@@ -1,14 +1,24 @@
 """End to end on GPUs: SGLang engines with the flashinfer backend, dcp=1 against dcp=2.
 
 Same weights (seeded random bf16 safetensors: every head differs, unlike SGLang's dummy
-weights, which repeat on every TP shard), same requests: 64 greedy prompts of mixed lengths
-up to 32k tokens in one batch (chunked prefill), radix-cache prefix hits and seeded
-sampling. DCP runs with and without decode CUDA graphs. Results go to ``$DCP_RESULTS_DIR``.
+weights, which repeat on every TP shard), same requests, same settings but ``dcp_size``:
+
+* ``tp2-kv1`` (2 GPUs) and ``tp4-kv2`` (4 GPUs), Qwen3, page size 1: 64 greedy prompts of
+  mixed lengths up to 32k tokens in one batch (chunked prefill), radix-cache prefix hits
+  and seeded sampling; DCP with and without decode CUDA graphs.
+* ``tp2-llama-page16`` and ``tp2-qwen3moe-page16``: Llama and Qwen3-MoE (whose fused
+  RoPE + KV store DCP turns off) at page size 16 (a logical page of 32 under DCP2), 31
+  prompts up to 16k, decode CUDA graphs on.
+
+Each case requires exactly 2x the logical KV capacity and the agreement below; results go
+to ``$DCP_RESULTS_DIR/e2e_<case>.json``.
 """
 
+import dataclasses
 import json
 import os
 import random
+from typing import List
 
 import pytest
 import torch
@@ -29,16 +39,36 @@ MIN_IDENTICAL_FRACTION = 0.9
 LOGPROB_TOL = 0.1
 
 
-def prompt_lengths(seed=0):
-    rng = random.Random(seed)
-    short = [rng.randint(1, 512) for _ in range(48)]
-    medium = [rng.randint(1024, 8192) for _ in range(13)]
-    return short + medium + [16384, 24576, 32000]
+@dataclasses.dataclass
+class Case:
+    tp_size: int
+    num_kv_heads: int
+    architecture: str
+    page_size: int
+    num_short: int  # prompts of 1..512 tokens
+    num_medium: int  # prompts of 1k..8k tokens
+    long: List[int]  # prompt lengths above 8k
+    graph_modes: List[bool]  # DCP runs with decode CUDA graphs on / off
+
+    def prompt_lengths(self, seed=0):
+        rng = random.Random(seed)
+        short = [rng.randint(1, 512) for _ in range(self.num_short)]
+        medium = [rng.randint(1024, 8192) for _ in range(self.num_medium)]
+        return short + medium + self.long
 
 
-def engine_kwargs(tp_size, graphs):
+CASES = {
+    "tp2-kv1": Case(2, 1, "Qwen3ForCausalLM", 1, 48, 13, [16384, 24576, 32000], [True, False]),
+    "tp4-kv2": Case(4, 2, "Qwen3ForCausalLM", 1, 48, 13, [16384, 24576, 32000], [True, False]),
+    "tp2-llama-page16": Case(2, 1, "LlamaForCausalLM", 16, 24, 6, [16384], [True]),
+    "tp2-qwen3moe-page16": Case(2, 1, "Qwen3MoeForCausalLM", 16, 24, 6, [16384], [True]),
+}
+
+
+def engine_kwargs(case: Case, graphs: bool):
     return dict(
-        tp_size=tp_size,
+        tp_size=case.tp_size,
+        page_size=case.page_size,
         attention_backend="flashinfer",
         mem_fraction_static=0.6,
         max_total_tokens=300_000,
@@ -53,31 +83,32 @@ def engine_kwargs(tp_size, graphs):
     )
 
 
-@pytest.mark.parametrize(
-    "tp_size,num_heads,num_kv_heads", [(2, 16, 1), (4, 32, 2)], ids=["tp2-kv1", "tp4-kv2"]
-)
-def test_dcp2_matches_tp(tmp_path, tp_size, num_heads, num_kv_heads):
-    if torch.cuda.device_count() < tp_size:
-        pytest.skip(f"needs {tp_size} GPUs")
+@pytest.mark.parametrize("name", list(CASES))
+def test_dcp2_matches_tp(tmp_path, name):
+    case = CASES[name]
+    if torch.cuda.device_count() < case.tp_size:
+        pytest.skip(f"needs {case.tp_size} GPUs")
     model = write_random_gqa_model(
         str(tmp_path / "model"),
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
+        num_attention_heads=16 * case.num_kv_heads,
+        num_key_value_heads=case.num_kv_heads,
         head_dim=128,
         hidden_size=1024,
         num_hidden_layers=4,
         intermediate_size=2048,
         vocab_size=VOCAB_SIZE,
+        architecture=case.architecture,
         torch_dtype="bfloat16",
         max_position_embeddings=40960,
         initializer_range=0.1,
     )
-    scenario = mixed_scenario(VOCAB_SIZE, prompt_lengths(), MAX_NEW_TOKENS)
-    reference = run_engine(model, scenario, dcp_size=1, **engine_kwargs(tp_size, graphs=True))
-    results = {"case": f"tp{tp_size}-kv{num_kv_heads}", "num_requests": len(reference.results)}
+    scenario = mixed_scenario(VOCAB_SIZE, case.prompt_lengths(), MAX_NEW_TOKENS)
+    reference = run_engine(model, scenario, dcp_size=1, **engine_kwargs(case, graphs=True))
+    results = {"case": name, **dataclasses.asdict(case), "num_requests": len(reference.results),
+               "reference_capacity": reference.capacity}
     failures = []
-    for graphs in (True, False):
-        candidate = run_engine(model, scenario, dcp_size=2, **engine_kwargs(tp_size, graphs))
+    for graphs in case.graph_modes:
+        candidate = run_engine(model, scenario, dcp_size=2, **engine_kwargs(case, graphs))
         agreement = compare(reference, candidate)
         label = "dcp2-graphs" if graphs else "dcp2-eager"
         results[label] = {
@@ -86,16 +117,15 @@ def test_dcp2_matches_tp(tmp_path, tp_size, num_heads, num_kv_heads):
             "identical_fraction": agreement.identical_fraction,
             "max_logprob_diff": agreement.max_logprob_diff,
         }
-        print(label, results[label], flush=True)
+        print(name, label, results[label], flush=True)
         if candidate.capacity != 2 * reference.capacity:
             failures.append(f"{label}: capacity {candidate.capacity} != 2 x {reference.capacity}")
         if agreement.identical_fraction < MIN_IDENTICAL_FRACTION:
             failures.append(f"{label}: identical {agreement.identical_fraction:.3f}")
         if agreement.max_logprob_diff > LOGPROB_TOL:
             failures.append(f"{label}: logprob diff {agreement.max_logprob_diff:.4f}")
-    results["reference_capacity"] = reference.capacity
     out_dir = os.environ.get("DCP_RESULTS_DIR")
     if out_dir:
-        with open(os.path.join(out_dir, f"e2e_{results['case']}.json"), "w") as f:
+        with open(os.path.join(out_dir, f"e2e_{name}.json"), "w") as f:
             json.dump(results, f, indent=1)
     assert not failures, failures

@@ -1,0 +1,31 @@
+# Shared by gpu_check.sh and gpu_bench.sh (sourced from the repo root on the GPU machine).
+# WORK collects logs and per-stage results while the machine is warm; OUT gets what comes back.
+WORK=${WORK:-/tmp/dcp_gpu_work}
+OUT=${OUT:-$WORK/out}
+mkdir -p "$WORK" "$OUT"
+
+install_plugin() {  # the SGLang 0.5.14 bundle (.device) into /tmp/site if missing, then this package
+  [ -f /tmp/site/sgl_offline_env.py ] || bash .device/install.sh
+  rm -rf build
+  python3 -m pip install -q --no-deps --no-index --no-build-isolation --upgrade --target /tmp/site .
+}
+
+setup_env() {  # SITE (default /tmp/site) on PYTHONPATH, with the bundle's offline environment
+  export PYTHONPATH=${1:-/tmp/site}
+  eval "$(python3 "$PYTHONPATH/sgl_offline_env.py")"
+}
+
+run_stage() {  # name, command...: log to $WORK/<name>.log, record the exit code and time
+  local name=$1; shift
+  local t0=$SECONDS
+  echo "=== $name: $*"
+  "$@" > "$WORK/$name.log" 2>&1
+  local rc=$?
+  echo "{\"stage\": \"$name\", \"returncode\": $rc, \"seconds\": $((SECONDS - t0))}" > "$WORK/stage_$name.json"
+  tail -n 5 "$WORK/$name.log"
+  echo "=== $name: rc=$rc in $((SECONDS - t0)) s"
+}
+
+gpu_card() {  # e.g. "2x NVIDIA H100 80GB HBM3"
+  nvidia-smi --query-gpu=name --format=csv,noheader | awk '{n++; name=$0} END {print n "x " name}'
+}
