@@ -2,34 +2,42 @@
 HTTP server and ``python -m sglang.bench_serving`` (random token ids, fixed lengths).
 
     python benchmark/dcp/bench_serving_sweep.py --tp 4 --dcp 2 [--shapes 32768x1024,8192x1024]
-        [--concurrency 8,16,24,32,48] [--latency-inputs 8192,32768] [--out benchmark/dcp/results]
+        [--concurrency 8,16,24,32] [--latency-inputs 8192,32768] [--out benchmark/dcp/results]
 
 The model is a dummy-weight dense Qwen3 proxy with the per-rank attention shape of the
 upstream PR's headline setting (Qwen3-235B-A22B at TP8: 8 query heads and 1 KV head per rank,
 head_dim 128): ``8 * tp`` query heads and ``tp / dcp`` KV heads, hidden 2048, 24 layers,
 intermediate 6144, vocab 32000 (the proxy of ../shared/notes/gpu-anchors.md at TP2). The KV
 budget is ``--kv-rows`` physical tokens per rank for both runs, to mimic a large model whose
-weights leave little room for KV. Each run starts one server per configuration; results go to
-``serving_sweep.json`` and ``serving_sweep.png`` in ``--out``.
+weights leave little room for KV. Each configuration runs on one server; per throughput
+point the server log gives the most requests it held at once (``#running-req``).
+
+``--engine upstream`` benchmarks the SGLang release on ``PYTHONPATH`` without this plugin
+(upstream 0.5.16's own DCP, Triton attention backend) on the same model and settings:
+
+    PYTHONPATH=/tmp/site-0.5.16:python python benchmark/dcp/bench_serving_sweep.py \\
+        --engine upstream --configs dcp ...
+
+Results go to ``serving_sweep.json`` (``serving_sweep_upstream.json``) and a PNG in ``--out``.
 """
 
 import argparse
 import json
 import os
-import subprocess
-import sys
+import re
 import tempfile
 
 from tqdm import tqdm
 
 from sglang_dcp.test.models import write_dummy_gqa_model
-from sglang_dcp.test.serving import Server, device_server_args, write_byte_tokenizer
-
+from sglang_dcp.test.serving import Server, bench_serving, device_server_args, write_byte_tokenizer
 
 PROXY = dict(hidden_size=2048, num_hidden_layers=24, intermediate_size=6144, vocab_size=32000)
 # --smoke: the same heads on a tiny body, to check the whole flow quickly (e.g. on CPU)
 SMOKE = dict(hidden_size=256, num_hidden_layers=2, intermediate_size=512, vocab_size=4096)
 CONTEXT_LEN = 65536
+UPSTREAM_ATTENTION_BACKEND = "triton"  # the only MHA/GQA backend with DCP in SGLang 0.5.16
+CONFIG_LABELS = {"tp": "tp", "dcp": "tp+dcp"}
 
 
 def proxy_model(path, tp, dcp, body):
@@ -41,51 +49,63 @@ def proxy_model(path, tp, dcp, body):
     return path
 
 
-def bench(server, model, args, input_len, output_len, concurrency, num_prompts, log):
-    """One bench_serving run; returns its JSON summary line."""
-    out_file = tempfile.mktemp(suffix=".jsonl")
-    cmd = [sys.executable, "-m", "sglang.bench_serving", "--backend", "sglang",
-           "--base-url", server.url, "--tokenizer", model, "--dataset-name", "random-ids",
-           "--random-input-len", str(input_len), "--random-output-len", str(output_len),
-           "--random-range-ratio", "1", "--num-prompts", str(num_prompts),
-           "--max-concurrency", str(concurrency), "--output-file", out_file, "--disable-tqdm"]
-    run = subprocess.run(cmd, capture_output=True, text=True)
-    log.write(run.stdout + run.stderr)
-    if run.returncode != 0:
-        raise RuntimeError(f"bench_serving failed ({run.returncode}): {run.stderr[-2000:]}")
-    with open(out_file) as f:
-        return json.loads(f.read().splitlines()[-1])
+def max_running_requests(log_text):
+    """The largest ``#running-req`` of the scheduler's decode log lines."""
+    return max((int(n) for n in re.findall(r"#running-req: (\d+)", log_text)), default=None)
 
 
-def run_config(model, args, dcp_size, work):
-    """Everything measured on one server (``dcp_size`` 1 = plain TP)."""
-    server_args = ["--model-path", model, "--load-format", "dummy", "--tp-size", str(args.tp),
-                   "--dcp-size", str(dcp_size), *device_server_args(args.device, args.tp),
-                   "--grammar-backend", "none",
-                   "--max-total-tokens", str(args.kv_rows), "--context-length", str(args.context_length),
-                   "--cuda-graph-max-bs-decode", str(max(args.concurrency)),
-                   "--disable-prefill-cuda-graph", "--mem-fraction-static", str(args.mem_fraction)]
-    label = "tp" if dcp_size == 1 else "tp+dcp"
+def measure(server, model, input_len, output_len, concurrency, num_prompts, log_path):
+    """One bench_serving run and the most requests the server held meanwhile."""
+    with open(server.log_path) as f:
+        f.seek(0, os.SEEK_END)
+        returncode, summary = bench_serving(
+            server, model,
+            ["--dataset-name", "random-ids", "--random-input-len", str(input_len),
+             "--random-output-len", str(output_len), "--random-range-ratio", "1",
+             "--num-prompts", str(num_prompts), "--max-concurrency", str(concurrency), "--disable-tqdm"],
+            log_path,
+        )
+        if summary is None:
+            raise RuntimeError(f"bench_serving failed ({returncode}); see {log_path}")
+        summary["max_running_requests"] = max_running_requests(f.read())
+    return summary
+
+
+def server_args(model, args, dcp_size):
+    if args.engine == "plugin":
+        backend = device_server_args(args.device, args.tp)
+    else:
+        backend = ["--attention-backend", UPSTREAM_ATTENTION_BACKEND]
+    return ["--model-path", model, "--load-format", "dummy", "--tp-size", str(args.tp),
+            "--dcp-size", str(dcp_size), *backend, "--grammar-backend", "none",
+            "--max-total-tokens", str(args.kv_rows), "--context-length", str(args.context_length),
+            "--cuda-graph-max-bs-decode", str(max(args.concurrency)),
+            "--disable-prefill-cuda-graph", "--mem-fraction-static", str(args.mem_fraction)]
+
+
+def run_config(model, args, config, work):
+    """Everything measured on one server (config ``tp`` or ``dcp``)."""
+    dcp_size = args.dcp if config == "dcp" else 1
     result = {"dcp": dcp_size, "latency": {}, "throughput": {}}
-    with Server(server_args, args.port, os.path.join(work, f"server_dcp{dcp_size}.log")) as server, \
-            open(os.path.join(work, f"bench_dcp{dcp_size}.log"), "w") as log:
+    log_path = os.path.join(work, f"bench_{config}.log")
+    with Server(server_args(model, args, dcp_size), args.port,
+                os.path.join(work, f"server_{config}.log")) as server:
         result["capacity_tokens"] = server.server_info()["max_total_num_tokens"]
-        points = [("latency", n, args.latency_output, 1) for n in args.latency_inputs]
-        points += [("throughput", shape, None, c) for shape in args.shapes for c in args.concurrency]
-        for kind, shape, output_len, concurrency in tqdm(points, desc=label):
+        points = [("latency", (n, args.latency_output), 1) for n in args.latency_inputs]
+        points += [("throughput", shape, c) for shape in args.shapes for c in args.concurrency]
+        for kind, (input_len, output_len), concurrency in tqdm(points, desc=CONFIG_LABELS[config]):
+            num_prompts = args.latency_prompts if kind == "latency" else args.prompts_per_concurrency * concurrency
+            summary = measure(server, model, input_len, output_len, concurrency, num_prompts, log_path)
             if kind == "latency":
-                summary = bench(server, model, args, shape, output_len, 1, args.latency_prompts, log)
-                result["latency"][str(shape)] = {
+                result["latency"][str(input_len)] = {
                     "median_tpot_ms": summary["median_tpot_ms"],
                     "median_ttft_ms": summary["median_ttft_ms"],
                 }
             else:
-                input_len, output_len = shape
-                summary = bench(server, model, args, input_len, output_len, concurrency,
-                                args.prompts_per_concurrency * concurrency, log)
                 result["throughput"].setdefault(f"{input_len}x{output_len}", {})[str(concurrency)] = {
                     "output_throughput": summary["output_throughput"],
                     "median_tpot_ms": summary["median_tpot_ms"],
+                    "max_running_requests": summary["max_running_requests"],
                 }
     return result
 
@@ -97,11 +117,11 @@ def plot(results, path):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    for name in ("tp", "tp+dcp"):
-        for shape, points in results[name]["throughput"].items():
+    for label in CONFIG_LABELS.values():
+        for shape, points in results.get(label, {}).get("throughput", {}).items():
             conc = sorted(points, key=int)
             ax.plot([int(c) for c in conc], [points[c]["output_throughput"] for c in conc],
-                    marker="o", label=f"{name} {shape}")
+                    marker="o", label=f"{label} {shape}")
     ax.set_xlabel("max concurrency")
     ax.set_ylabel("output tokens/s")
     ax.set_title(results["title"])
@@ -111,62 +131,83 @@ def plot(results, path):
     fig.savefig(path, dpi=120)
 
 
+def print_tables(results):
+    runs = {label: results[label] for label in CONFIG_LABELS.values() if label in results}
+    print(f"\n{results['title']}")
+    for label, run in runs.items():
+        print(f"capacity (max_total_num_tokens) {label}: {run['capacity_tokens']}")
+    if "capacity_ratio" in results:
+        print(f"capacity ratio: {results['capacity_ratio']:.2f}x")
+    print(f"\n{'batch 1':10}" + "".join(f" {'TPOT ' + l:>12} {'TTFT ' + l:>12}" for l in runs))
+    for n in next(iter(runs.values()))["latency"]:
+        print(f"{n:10}" + "".join(f" {r['latency'][n]['median_tpot_ms']:>12.2f} "
+                                  f"{r['latency'][n]['median_ttft_ms']:>12.0f}" for r in runs.values()))
+    print(f"\n{'shape':12} {'conc':>5}" + "".join(f" {l + ' tok/s':>13} {'running':>7}" for l in runs)
+          + (f" {'gain':>7}" if len(runs) == 2 else ""))
+    first = next(iter(runs.values()))
+    for shape, points in first["throughput"].items():
+        for c in points:
+            cells = [r["throughput"][shape][c] for r in runs.values()]
+            line = f"{shape:12} {c:>5}" + "".join(
+                f" {p['output_throughput']:>13.0f} {p['max_running_requests'] or '-':>7}" for p in cells)
+            if len(cells) == 2:
+                line += f" {cells[1]['output_throughput'] / cells[0]['output_throughput'] - 1:>+7.1%}"
+            print(line)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tp", type=int, default=4)
     parser.add_argument("--dcp", type=int, default=2)
+    parser.add_argument("--engine", choices=["plugin", "upstream"], default="plugin",
+                        help="plugin: SGLang 0.5.14 with this plugin (flashinfer); upstream: the SGLang "
+                             "on PYTHONPATH with its own DCP (triton backend)")
+    parser.add_argument("--configs", default="tp,dcp", help="comma list of tp (plain TP) and dcp")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    parser.add_argument("--kv-rows", type=int, default=400_000, help="physical KV tokens per rank")
+    parser.add_argument("--kv-rows", type=int, default=200_000, help="physical KV tokens per rank")
     parser.add_argument("--mem-fraction", type=float, default=0.8)
     parser.add_argument("--shapes", default="32768x1024,8192x1024")
-    parser.add_argument("--concurrency", default="8,16,24,32,48")
-    parser.add_argument("--prompts-per-concurrency", type=int, default=2)
+    parser.add_argument("--concurrency", default="8,16,24,32")
+    parser.add_argument("--prompts-per-concurrency", type=int, default=1)
     parser.add_argument("--latency-inputs", default="8192,32768")
     parser.add_argument("--latency-output", type=int, default=512)
     parser.add_argument("--latency-prompts", type=int, default=3)
     parser.add_argument("--port", type=int, default=30040)
-    parser.add_argument("--card", default="", help="GPU name for the results (e.g. 4x H200)")
+    parser.add_argument("--card", default="", help="GPU name for the results (e.g. 2x H100)")
     parser.add_argument("--smoke", action="store_true", help="tiny model and context (flow check)")
     parser.add_argument("--out", default="benchmark/dcp/results")
     args = parser.parse_args()
     args.shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",") if s]
     args.concurrency = [int(c) for c in args.concurrency.split(",") if c]
     args.latency_inputs = [int(n) for n in args.latency_inputs.split(",") if n]
+    configs = [c for c in args.configs.split(",") if c]
+    if not configs or set(configs) - set(CONFIG_LABELS):
+        parser.error(f"--configs must list some of {sorted(CONFIG_LABELS)}, got {args.configs!r}")
 
     work = tempfile.mkdtemp(prefix="dcp_sweep_")
     body = SMOKE if args.smoke else PROXY
     model = proxy_model(os.path.join(work, "model"), args.tp, args.dcp, body)
     args.context_length = 4096 if args.smoke else CONTEXT_LEN
+    engine = "SGLang 0.5.14 + sglang-dcp (flashinfer)" if args.engine == "plugin" else \
+        f"upstream SGLang ({UPSTREAM_ATTENTION_BACKEND})"
     results = {
-        "title": f"TP{args.tp} vs TP{args.tp}+DCP{args.dcp}, {args.card or args.device}",
-        "card": args.card, "tp_size": args.tp, "dcp_size": args.dcp, "kv_rows_per_rank": args.kv_rows,
+        "title": f"TP{args.tp} vs TP{args.tp}+DCP{args.dcp}, {engine}, {args.card or args.device}",
+        "engine": args.engine, "card": args.card, "tp_size": args.tp, "dcp_size": args.dcp,
+        "kv_rows_per_rank": args.kv_rows,
         "model": {"kind": "dummy-weight Qwen3 proxy, bf16", "num_attention_heads": 8 * args.tp,
                   "num_key_value_heads": args.tp // args.dcp, "head_dim": 128, **body},
-        "tp": run_config(model, args, 1, work),
-        "tp+dcp": run_config(model, args, args.dcp, work),
     }
-    tp, dcp = results["tp"], results["tp+dcp"]
-    results["capacity_ratio"] = dcp["capacity_tokens"] / tp["capacity_tokens"]
+    name = "serving_sweep" if args.engine == "plugin" else "serving_sweep_upstream"
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "serving_sweep.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    plot(results, os.path.join(args.out, "serving_sweep.png"))
-
-    print(f"\n{results['title']} (logs in {work})")
-    print(f"capacity (logical KV tokens): tp {tp['capacity_tokens']}, tp+dcp "
-          f"{dcp['capacity_tokens']} ({results['capacity_ratio']:.2f}x)")
-    print(f"\n{'batch 1':10} {'TPOT tp':>9} {'TPOT dcp':>9} {'overhead':>9} {'TTFT tp':>9} {'TTFT dcp':>9}")
-    for n in tp["latency"]:
-        a, b = tp["latency"][n], dcp["latency"][n]
-        print(f"{n:10} {a['median_tpot_ms']:>9.2f} {b['median_tpot_ms']:>9.2f} "
-              f"{b['median_tpot_ms'] / a['median_tpot_ms'] - 1:>+9.1%} "
-              f"{a['median_ttft_ms']:>9.0f} {b['median_ttft_ms']:>9.0f}")
-    print(f"\n{'shape':12} {'conc':>5} {'tp tok/s':>10} {'dcp tok/s':>10} {'gain':>7}")
-    for shape, points in tp["throughput"].items():
-        for c, point in points.items():
-            other = dcp["throughput"][shape][c]["output_throughput"]
-            print(f"{shape:12} {c:>5} {point['output_throughput']:>10.0f} {other:>10.0f} "
-                  f"{other / point['output_throughput'] - 1:>+7.1%}")
+    for config in configs:
+        results[CONFIG_LABELS[config]] = run_config(model, args, config, work)
+        if {"tp", "tp+dcp"} <= results.keys():
+            results["capacity_ratio"] = results["tp+dcp"]["capacity_tokens"] / results["tp"]["capacity_tokens"]
+        with open(os.path.join(args.out, f"{name}.json"), "w") as f:  # after each config
+            json.dump(results, f, indent=1)
+    plot(results, os.path.join(args.out, f"{name}.png"))
+    print(f"(logs in {work})")
+    print_tables(results)
 
 
 if __name__ == "__main__":

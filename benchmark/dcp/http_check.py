@@ -8,13 +8,13 @@ dataset, local tokenizer) completes against it. Writes ``http_check.json`` to ``
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 
 from sglang_dcp.test.models import write_random_gqa_model
 from sglang_dcp.test.serving import (
     Server,
+    bench_serving,
     device_server_args,
     http_json,
     write_byte_tokenizer,
@@ -55,21 +55,14 @@ def main():
         status, body = http_json(server.url + "/v1/completions", {
             "model": model, "prompt": "the decode rank group", "max_tokens": 16, "temperature": 0})
         result["completions"] = {"status": status, "usage": body.get("usage") if status == 200 else body}
-        bench_file = os.path.join(args.out, "http_bench_serving.jsonl")
-        bench = subprocess.run(
-            [sys.executable, "-m", "sglang.bench_serving", "--backend", "sglang", "--host", "127.0.0.1",
-             "--port", str(args.port), "--tokenizer", model, "--dataset-name", "random",
-             "--dataset-path", dataset, "--num-prompts", str(args.num_prompts),
-             "--random-input-len", "1024", "--random-output-len", "64", "--output-file", bench_file],
-            capture_output=True, text=True,
+        returncode, summary = bench_serving(
+            server, model,
+            ["--dataset-name", "random", "--dataset-path", dataset, "--num-prompts", str(args.num_prompts),
+             "--random-input-len", "1024", "--random-output-len", "64"],
+            os.path.join(args.out, "http_bench_serving.log"),
         )
-        with open(os.path.join(args.out, "http_bench_serving.log"), "w") as f:
-            f.write(bench.stdout + bench.stderr)
-        completed = None
-        if bench.returncode == 0 and os.path.exists(bench_file):
-            with open(bench_file) as f:
-                completed = json.loads(f.read().splitlines()[-1]).get("completed")
-        result["bench_serving"] = {"returncode": bench.returncode, "completed": completed,
+        completed = summary and summary.get("completed")
+        result["bench_serving"] = {"returncode": returncode, "completed": completed,
                                    "num_prompts": args.num_prompts}
     result["ok"] = (result["generate"]["status"] == 200 and result["completions"]["status"] == 200
                     and completed == args.num_prompts)

@@ -2,8 +2,9 @@
 
     python benchmark/dcp/summarize.py [--results benchmark/dcp/results]
 
-Reads ``serving_sweep.json`` (bench_serving_sweep.py) and ``accuracy.json``
-(bench_accuracy.py) when present; a figure whose benchmark has not run is ``null``.
+Reads ``serving_sweep.json`` and ``serving_sweep_upstream.json`` (bench_serving_sweep.py),
+``bench_attention.json`` (bench_attention.py) and ``accuracy.json`` (bench_accuracy.py) when
+present; a figure whose benchmark has not run is ``null``.
 """
 
 import argparse
@@ -42,15 +43,38 @@ def serving_figures(sweep):
     }
 
 
+def upstream_figures(sweep, upstream):
+    """Ours against upstream 0.5.16's DCP on the same points: batch-1 TPOT, output tok/s."""
+    if sweep is None or upstream is None:
+        return None
+    ours, theirs = sweep["tp+dcp"], upstream["tp+dcp"]
+    return {
+        "card": upstream.get("card"),
+        "tpot_bs1_ms": {n: {"tp": sweep["tp"]["latency"][n]["median_tpot_ms"],
+                            "dcp": ours["latency"][n]["median_tpot_ms"],
+                            "upstream_dcp": theirs["latency"][n]["median_tpot_ms"]}
+                        for n in theirs["latency"]},
+        "output_throughput": {shape: {c: {"tp": sweep["tp"]["throughput"][shape][c]["output_throughput"],
+                                          "dcp": ours["throughput"][shape][c]["output_throughput"],
+                                          "upstream_dcp": point["output_throughput"]}
+                                      for c, point in points.items()}
+                              for shape, points in theirs["throughput"].items()},
+    }
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", default="benchmark/dcp/results")
     args = parser.parse_args()
     accuracy = load(args.results, "accuracy.json")
+    sweep = load(args.results, "serving_sweep.json")
+    attention = load(args.results, "bench_attention.json")
     summary = {
         "date": datetime.date.today().isoformat(),
-        **serving_figures(load(args.results, "serving_sweep.json")),
-        "attn_floor_ratio_bs64_32k": None,  # attention micro-benchmark not written yet
+        **serving_figures(sweep),
+        "attn_floor_ratio_bs64_32k": attention and attention["attn_floor_ratio_bs64_32k"],
+        "attention_card": attention and attention["card"],
+        "upstream_peer": upstream_figures(sweep, load(args.results, "serving_sweep_upstream.json")),
         "gsm8k_identical_fraction": accuracy and accuracy["gsm8k_identical_fraction"],
         "gsm8k": accuracy and {k: accuracy[k] for k in (
             "model", "device", "tp", "dcp", "num_questions", "tp_only", "tp_dcp", "identical_answers")},

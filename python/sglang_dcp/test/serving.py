@@ -2,8 +2,12 @@
 
 ``write_byte_tokenizer`` trains a small byte-level BPE tokenizer on generated text (no
 download), ``write_sharegpt_json`` writes prompts in the ShareGPT format that
-``sglang.bench_serving --dataset-name random`` samples from, and ``Server`` runs
-``python -m sglang.launch_server`` in its own process group on 127.0.0.1.
+``sglang.bench_serving --dataset-name random`` samples from, ``Server`` runs
+``python -m sglang.launch_server`` in its own process group on 127.0.0.1 and
+``bench_serving`` runs ``python -m sglang.bench_serving`` against it.
+
+Only ``device_server_args`` imports this plugin's SGLang code, so the rest also serves
+benchmarks of another SGLang release (the upstream peer).
 """
 
 import json
@@ -12,12 +16,11 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
-from typing import List, Optional
-
-from sglang_dcp.server_args import DCP_ATTENTION_BACKENDS
+from typing import List, Optional, Tuple
 
 WORDS = (
     "the of and to in is was for on are with as by at from this that have not but all "
@@ -69,6 +72,8 @@ def bind_cpu_threads(tp_size: int) -> None:
 
 def device_server_args(device: str, tp_size: int) -> List[str]:
     """``--device`` and the attention backend DCP runs there (binding CPU threads on CPU)."""
+    from sglang_dcp.server_args import DCP_ATTENTION_BACKENDS
+
     if device == "cpu":
         bind_cpu_threads(tp_size)
     return ["--device", device, "--attention-backend", DCP_ATTENTION_BACKENDS[device]]
@@ -127,3 +132,22 @@ class Server:
 
     def server_info(self) -> dict:
         return http_json(self.url + "/get_server_info")[1]
+
+
+def bench_serving(server: Server, tokenizer: str, args: List[str], log_path: str) -> Tuple[int, Optional[dict]]:
+    """``python -m sglang.bench_serving --backend sglang`` against ``server`` with ``args``
+    (dataset, lengths, prompts...), output appended to ``log_path``. Returns its exit code
+    and, if it succeeded, its JSON summary (the line it appends to ``--output-file``)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out_file = os.path.join(tmp, "bench.jsonl")
+        run = subprocess.run(
+            [sys.executable, "-m", "sglang.bench_serving", "--backend", "sglang", "--base-url", server.url,
+             "--tokenizer", tokenizer, "--output-file", out_file, *args],
+            capture_output=True, text=True,
+        )
+        with open(log_path, "a") as log:
+            log.write(run.stdout + run.stderr)
+        if run.returncode != 0 or not os.path.exists(out_file):
+            return run.returncode, None
+        with open(out_file) as f:
+            return run.returncode, json.loads(f.read().splitlines()[-1])

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The DCP benchmarks on the GPU machine, run from the repo root:
+#
+#   bash benchmark/dcp/gpu_bench.sh [STAGE ...]     (no STAGE: all of them, in this order)
+#
+#   install    the offline SGLang 0.5.14 bundle (.device) and this package, as gpu_check.sh
+#   serving    bench_serving_sweep.py: capacity, batch-1 TPOT/TTFT, throughput sweep,
+#              TP vs TP+DCP2 at TP=4 on 4+ GPUs, else TP=2 (TP=... overrides)
+#   attention  bench_attention.py: one layer's decode attention + DCP communication vs its floor
+#   upstream   the serving benchmarks (batch 1 and the sweep, DCP only) on upstream SGLang 0.5.16's
+#              own DCP (Triton backend): installs .device-0.5.16 (built by
+#              SGLANG_VERSION=0.5.16 bash ../shared/device/make_bundle.sh) into /tmp/site-0.5.16
+#   summary    the stage table ($OUT/gpu_bench.json) and the logs ($OUT/gpu_bench_logs.tgz)
+#
+# Results (JSON + PNG) go to $OUT; copy them to benchmark/dcp/results and run summarize.py.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+WORK=${WORK:-/tmp/dcp_gpu_bench}
+source benchmark/dcp/gpu_common.sh
+stages=("$@")
+[ ${#stages[@]} -eq 0 ] && stages=(install serving attention upstream summary)
+num_gpus=$(nvidia-smi --list-gpus | wc -l)
+TP=${TP:-$([ "$num_gpus" -ge 4 ] && echo 4 || echo 2)}
+SWEEP_ARGS=(--tp "$TP" --dcp 2 --card "$(gpu_card)" --out "$OUT")
+
+for stage in "${stages[@]}"; do
+  case $stage in
+    install) install_plugin ;;
+    serving)
+      setup_env
+      TMPDIR=$WORK run_stage serving python3 benchmark/dcp/bench_serving_sweep.py "${SWEEP_ARGS[@]}"
+      ;;
+    attention)
+      setup_env
+      run_stage attention python3 benchmark/dcp/bench_attention.py --dcp 2 --out "$OUT"
+      ;;
+    upstream)
+      [ -f /tmp/site-0.5.16/sgl_offline_env.py ] || bash .device-0.5.16/install.sh
+      setup_env /tmp/site-0.5.16
+      # this repo's helpers on the path, its plugin not loaded (SGLANG_PLUGINS: a whitelist)
+      PYTHONPATH=$PYTHONPATH:$PWD/python SGLANG_PLUGINS=none TMPDIR=$WORK run_stage upstream \
+        python3 benchmark/dcp/bench_serving_sweep.py "${SWEEP_ARGS[@]}" --engine upstream --configs dcp
+      ;;
+    summary)
+      python3 benchmark/dcp/gpu_summary.py "$WORK" "$OUT/gpu_bench.json"
+      (cd "$WORK" && tar czf "$OUT/gpu_bench_logs.tgz" $(ls *.log dcp_sweep_*/*.log 2>/dev/null))
+      ;;
+    *) echo "unknown stage $stage"; exit 2 ;;
+  esac
+done
