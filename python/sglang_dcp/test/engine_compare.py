@@ -3,11 +3,12 @@
 Used by the CPU end-to-end tests and by the GPU check script. A *scenario* is a list of
 request batches sent one after another to one engine (so later batches can hit the radix
 cache of earlier ones); ``run_engine`` returns the logical KV capacity and, per request,
-the output ids, the output-token logprobs and the top-5 logprobs.
+the output ids, the output-token logprobs and the top-5 logprobs with their token ids.
 """
 
 import dataclasses
 import json
+import math
 import os
 import random
 import subprocess
@@ -29,6 +30,8 @@ class RequestResult:
     output_ids: List[int]
     token_logprobs: List[float]
     top_logprobs: List[List[float]]  # per position, the 5 best logprobs (descending)
+    top_ids: List[List[int]]  # their token ids
+    greedy: bool  # temperature 0
 
 
 @dataclasses.dataclass
@@ -84,6 +87,8 @@ def run_engine(model_path: str, scenario: List[Batch], **engine_kwargs) -> Engin
                         output_ids=list(out["output_ids"]),
                         token_logprobs=[lp for lp, _, _ in meta["output_token_logprobs"]],
                         top_logprobs=[[lp for lp, _, _ in top] for top in meta["output_top_logprobs"]],
+                        top_ids=[[tid for _, tid, _ in top] for top in meta["output_top_logprobs"]],
+                        greedy=batch.sampling_params.get("temperature", 1.0) == 0.0,
                     )
                 )
     finally:
@@ -112,17 +117,29 @@ def run_engine_isolated(
 class Agreement:
     num_requests: int
     identical_requests: int
-    max_logprob_diff: float  # over positions before the first differing token
+    max_logprob_diff: float  # over positions up to and including the first differing token
+    # At each greedy request's first differing token: how much less likely the reference found the
+    # candidate's token than its own (top-1 logprob minus the candidate token's, inf if it is
+    # not among the reference's top 5). Small: the outputs split at a near-tie.
+    max_divergence_gap: float
 
     @property
     def identical_fraction(self) -> float:
         return self.identical_requests / self.num_requests
 
 
+def divergence_gap(ref: RequestResult, position: int, token: int) -> float:
+    top_ids, top_logprobs = ref.top_ids[position], ref.top_logprobs[position]
+    if token not in top_ids:
+        return math.inf
+    return top_logprobs[0] - top_logprobs[top_ids.index(token)]
+
+
 def compare(reference: EngineRun, candidate: EngineRun) -> Agreement:
-    """Greedy/sampled id agreement and the largest |logprob| difference (output token and
-    top-5 values) over the common prefix of each request's outputs."""
-    identical, max_diff = 0, 0.0
+    """Greedy/sampled id agreement, the largest |logprob| difference (output token and
+    top-5 values) over the common prefix of each request's outputs, and the largest
+    near-tie gap where greedy outputs differ."""
+    identical, max_diff, max_gap = 0, 0.0, 0.0
     for ref, cand in zip(reference.results, candidate.results, strict=True):
         identical += ref.output_ids == cand.output_ids
         same = next(
@@ -135,7 +152,9 @@ def compare(reference: EngineRun, candidate: EngineRun) -> Agreement:
             if i < same:
                 diffs = np.append(diffs, abs(ref.token_logprobs[i] - cand.token_logprobs[i]))
             max_diff = max(max_diff, float(diffs.max()))
-    return Agreement(len(reference.results), identical, max_diff)
+        if ref.greedy and same < min(len(ref.output_ids), len(cand.output_ids)):
+            max_gap = max(max_gap, divergence_gap(ref, same, cand.output_ids[same]))
+    return Agreement(len(reference.results), identical, max_diff, max_gap)
 
 
 if __name__ == "__main__":  # the child process of run_engine_isolated
