@@ -29,6 +29,8 @@ import tempfile
 
 from tqdm import tqdm
 
+from plotting import pyplot
+
 from sglang_dcp.test.models import write_dummy_gqa_model
 from sglang_dcp.test.serving import Server, bench_serving, device_server_args, write_byte_tokenizer
 
@@ -111,11 +113,7 @@ def run_config(model, args, config, work):
 
 
 def plot(results, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for label in CONFIG_LABELS.values():
         for shape, points in results.get(label, {}).get("throughput", {}).items():
@@ -144,16 +142,16 @@ def print_tables(results):
                                   f"{r['latency'][n]['median_ttft_ms']:>12.0f}" for r in runs.values()))
     print(f"\n{'shape':12} {'conc':>5}" + "".join(f" {l + ' tok/s':>13} {'running':>7}" for l in runs)
           + (f" {'gain':>7}" if len(runs) == 2 else ""))
-    first = next(iter(runs.values()))
-    for shape, points in first["throughput"].items():
+    shapes = {shape: points for run in runs.values() for shape, points in run["throughput"].items()}
+    for shape, points in shapes.items():
         for c in points:
-            cells = [r["throughput"][shape][c] for r in runs.values()]
+            cells = [r["throughput"].get(shape, {}).get(c) for r in runs.values()]
             line = f"{shape:12} {c:>5}" + "".join(
-                f" {p['output_throughput']:>13.0f} {p['max_running_requests'] or '-':>7}" for p in cells)
-            if len(cells) == 2:
+                f" {p['output_throughput']:>13.0f} {p['max_running_requests'] or '-':>7}" if p else
+                f" {'-':>13} {'-':>7}" for p in cells)
+            if len(cells) == 2 and all(cells):
                 line += f" {cells[1]['output_throughput'] / cells[0]['output_throughput'] - 1:>+7.1%}"
             print(line)
-
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
