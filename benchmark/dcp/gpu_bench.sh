@@ -5,7 +5,8 @@
 #
 #   install    the offline SGLang 0.5.14 bundle (.device) and this package, as gpu_check.sh
 #   serving    bench_serving_sweep.py: capacity, batch-1 TPOT/TTFT, throughput sweep,
-#              TP vs TP+DCP2 at TP=4 on 4+ GPUs, else TP=2 (TP=... overrides)
+#              TP vs TP+DCP2 at TP=4 on 4+ GPUs, else TP=2 (TP=... overrides; TP=8 runs the
+#              upstream PR's table: 64 query / 4 KV heads, 32k/4k and 32k/8k, batch 32..96)
 #   attention  bench_attention.py: one layer's decode attention + DCP communication vs its floor
 #   upstream   the serving benchmarks (batch 1 and the sweep, DCP only) on upstream SGLang 0.5.16's
 #              own DCP (Triton backend): installs .device-0.5.16 (built by
@@ -22,6 +23,10 @@ stages=("$@")
 num_gpus=$(nvidia-smi --list-gpus | wc -l)
 TP=${TP:-$([ "$num_gpus" -ge 4 ] && echo 4 || echo 2)}
 SWEEP_ARGS=(--tp "$TP" --dcp 2 --card "$(gpu_card)" --out "$OUT")
+if [ "$TP" -ge 8 ]; then  # the upstream PR's headline tables (8x H20): 32k/4k and 32k/8k
+  SWEEP_ARGS+=(--shapes 32768x4096,32768x8192 --concurrency 32,48,64,80,96 --latency-inputs 32768
+               --latency-output 4096 --kv-rows 1500000)
+fi
 
 for stage in "${stages[@]}"; do
   case $stage in

@@ -27,10 +27,10 @@ def serving_figures(sweep):
         return {"capacity_ratio": None, "tpot_overhead_bs1_32k": None, "throughput_gain_32k_max": None}
     tp, dcp = sweep["tp"], sweep["tp+dcp"]
     latency = tp["latency"].get("32768"), dcp["latency"].get("32768")
-    gains = [
+    gains = [  # the points both configurations ran
         dcp["throughput"][shape][c]["output_throughput"] / point["output_throughput"] - 1
         for shape, points in tp["throughput"].items() if shape.startswith("32768x")
-        for c, point in points.items()
+        for c, point in points.items() if c in dcp["throughput"].get(shape, {})
     ]
     return {
         "capacity_ratio": sweep["capacity_ratio"],
@@ -74,6 +74,7 @@ def main():
         **serving_figures(sweep),
         "attn_floor_ratio_bs64_32k": attention and attention["attn_floor_ratio_bs64_32k"],
         "attention_card": attention and attention["card"],
+        "attention_floor_bandwidth_gbps": attention and attention["hbm_bandwidth_gbps"],
         "upstream_peer": upstream_figures(sweep, load(args.results, "serving_sweep_upstream.json")),
         "gsm8k_identical_fraction": accuracy and accuracy["gsm8k_identical_fraction"],
         "gsm8k": accuracy and {k: accuracy[k] for k in (
