@@ -15,9 +15,15 @@ setup_env() {  # SITE (default /tmp/site) on PYTHONPATH, with the bundle's offli
   eval "$(python3 "$PYTHONPATH/sgl_offline_env.py")"
 }
 
+free_gpus() {  # kill what an earlier stage stopped by a timeout left on the GPUs (SGLang
+  # servers run in their own session, so they outlive the stage's process group)
+  for pid in $(nvidia-smi --query-compute-apps=pid --format=csv,noheader); do kill -9 "$pid"; done
+}
+
 run_stage() {  # name, command...: log to $WORK/<name>.log, record the exit code and time
   local name=$1; shift
   local t0=$SECONDS
+  free_gpus
   echo "=== $name: $*"
   "$@" > "$WORK/$name.log" 2>&1
   local rc=$?
