@@ -73,6 +73,14 @@ def measure(server, model, input_len, output_len, concurrency, num_prompts, log_
     return summary
 
 
+def attention_backend(args):
+    if args.engine == "upstream":
+        return UPSTREAM_ATTENTION_BACKEND
+    from sglang_dcp.server_args import DCP_ATTENTION_BACKENDS
+
+    return DCP_ATTENTION_BACKENDS[args.device]
+
+
 def server_args(model, args, dcp_size):
     if args.engine == "plugin":
         backend = device_server_args(args.device, args.tp)
@@ -186,8 +194,8 @@ def main():
     body = SMOKE if args.smoke else PROXY
     model = proxy_model(os.path.join(work, "model"), args.tp, args.dcp, body)
     args.context_length = 4096 if args.smoke else CONTEXT_LEN
-    engine = "SGLang 0.5.14 + sglang-dcp (flashinfer)" if args.engine == "plugin" else \
-        f"upstream SGLang ({UPSTREAM_ATTENTION_BACKEND})"
+    engine = "SGLang 0.5.14 + sglang-dcp" if args.engine == "plugin" else "upstream SGLang"
+    engine += f" ({attention_backend(args)})"
     results = {
         "title": f"TP{args.tp} vs TP{args.tp}+DCP{args.dcp}, {engine}, {args.card or args.device}",
         "engine": args.engine, "card": args.card, "tp_size": args.tp, "dcp_size": args.dcp,
