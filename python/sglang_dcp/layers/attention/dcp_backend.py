@@ -3,7 +3,8 @@
 Per layer, on DCP rank ``r`` of a group of ``D`` ranks that hold the same KV head:
 
 * KV write: logical slot ``loc`` goes to row ``loc // D`` if ``loc % D == r``, else to
-  the dump row (``layout.local_write_rows``).
+  the dump row (``layout.local_write_rows``). The rows are the same for every layer of a
+  forward pass: computed at its first layer (inside a captured CUDA graph too), reused after.
 * Decode: all-gather Q over the group along heads (``Hq -> D*Hq``), partial attention with
   LSE over the tokens stored here, ``dcp_merge`` (LSE all-gather, scale, reduce-scatter
   back to the ``Hq`` heads of this rank).
@@ -39,6 +40,8 @@ class DCPAttnBackend(AttentionBackend):
         self.device = model_runner.device
         self.req_to_token = model_runner.req_to_token_pool.req_to_token
         self.token_to_kv_pool = model_runner.token_to_kv_pool
+        self.first_layer_id = model_runner.start_layer
+        self.write_rows = None  # of the current forward pass, set at its first layer
 
     # ---- kernels supplied by a subclass -------------------------------------------
     def partial_decode(self, q_all, layer, forward_batch) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -54,24 +57,30 @@ class DCPAttnBackend(AttentionBackend):
         raise NotImplementedError()
 
     # ---- the DCP path ---------------------------------------------------------------
-    def write_kv(self, layer, forward_batch, k, v) -> None:
-        rows = local_write_rows(forward_batch.out_cache_loc, self.dcp_size, self.dcp_rank)
-        self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(rows), k, v)
+    def begin_layer(self, layer, forward_batch) -> None:
+        """At the first layer of a forward pass: this pass's KV write rows."""
+        if layer.layer_id == self.first_layer_id:
+            self.write_rows = local_write_rows(forward_batch.out_cache_loc, self.dcp_size, self.dcp_rank)
+
+    def write_kv(self, layer, k, v) -> None:
+        self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(self.write_rows), k, v)
 
     def gather_heads(self, q: torch.Tensor, layer) -> torch.Tensor:
         q = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
         return all_gather_along_dim(self.dcp_group, q, dim=1)
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        self.begin_layer(layer, forward_batch)
         if save_kv_cache and k is not None:
-            self.write_kv(layer, forward_batch, k, v)
+            self.write_kv(layer, k, v)
         o, lse = self.partial_decode(self.gather_heads(q, layer), layer, forward_batch)
         o, _ = dcp_merge(self.dcp_group, o, lse, self.lse_base)
         return o.to(q.dtype).reshape(-1, layer.tp_q_head_num * layer.v_head_dim)
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
+        self.begin_layer(layer, forward_batch)
         if save_kv_cache and k is not None:
-            self.write_kv(layer, forward_batch, k, v)
+            self.write_kv(layer, k, v)
         q_own = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
         k = k.reshape(-1, layer.tp_k_head_num, layer.qk_head_dim)
         v = v.reshape(-1, layer.tp_v_head_num, layer.v_head_dim)
