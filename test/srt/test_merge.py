@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from sglang_dcp.layers.attention.merge import (
+    from_owner,
     lse_weights,
     merge_states,
     scale_own_partial_torch,
@@ -79,7 +80,7 @@ def test_scaled_partials_sum_to_full_attention(base):
     torch.manual_seed(7)
     parts, (o_ref, _) = random_partials(4, tokens=3, heads=8, dim=16, empty=(2,))
     lse2_all = torch.stack([to_base2(in_base(lse, base), base) for _, lse in parts])
-    total = sum(scale_own_partial_torch(o, lse2_all, r)[0] for r, (o, _) in enumerate(parts))
+    total = from_owner(sum(scale_own_partial_torch(o, lse2_all, r)[0] for r, (o, _) in enumerate(parts)))
     assert (total.double() - o_ref).norm() / o_ref.norm() < 1e-6
 
 
@@ -91,12 +92,12 @@ def test_all_empty_shards_give_zero_weights_and_minus_inf():
 
 
 def test_garbage_in_an_empty_shard_does_not_leak():
-    o = torch.randn(2, 3, 4)
-    garbage = torch.full((2, 3, 4), float("nan"))
-    lse = torch.randn(2, 3)
-    merged, merged_lse = merge_states([o, garbage], [lse, torch.full((2, 3), -math.inf)], 2.0)
+    o = torch.randn(2, 4, 4)
+    garbage = torch.full((2, 4, 4), float("nan"))
+    lse = torch.randn(2, 4)
+    merged, merged_lse = merge_states([o, garbage], [lse, torch.full((2, 4), -math.inf)], 2.0)
     assert torch.equal(merged, o) and torch.equal(merged_lse, lse)
-    lse2_all = torch.stack([lse, torch.full((2, 3), -math.inf)])
+    lse2_all = torch.stack([lse, torch.full((2, 4), -math.inf)])
     assert torch.all(scale_own_partial_torch(garbage, lse2_all, 1)[0] == 0)
 
 

@@ -6,17 +6,25 @@ its partial result over them with the gathered heads, ``scale_own_partial_triton
 applies its weight, and the sum over ranks (what the reduce-scatter computes) must equal
 full attention. Outputs are poisoned with NaN through the caching allocator beforehand,
 so an element a kernel fails to write shows up as NaN.
+
+Without a GPU, the two Triton-only tests also run on CPU under Triton's interpreter
+(``TRITON_INTERPRET=1``, as ``test_triton_interpreter.py`` runs them; no NaN poisoning there).
 """
 
 import math
+import os
 
 import pytest
 import torch
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-]
+from sglang_dcp.layers.attention.merge import from_owner
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+INTERPRETED = not CUDA and os.environ.get("TRITON_INTERPRET") == "1"
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+needs_triton = pytest.mark.skipif(not (CUDA or INTERPRETED), reason="needs a CUDA GPU or TRITON_INTERPRET=1")
+pytestmark = pytest.mark.gpu
 
 HEAD_DIM = 128
 BF16_REL_TOL = 2e-2  # bf16 inputs and outputs, fp32 accumulation
@@ -24,8 +32,8 @@ BF16_REL_TOL = 2e-2  # bf16 inputs and outputs, fp32 accumulation
 
 def poison_cuda_cache(num_bytes: int = 1 << 30) -> None:
     """Leave NaN in freed caching-allocator blocks, so later ``torch.empty`` sees NaN."""
-    poison = torch.full((num_bytes // 4,), float("nan"), device="cuda")
-    del poison
+    if CUDA:  # the block returns to the cache as soon as the tensor is dropped
+        torch.full((num_bytes // 4,), float("nan"), device=DEVICE)
 
 
 def rel_err(x, ref) -> float:
@@ -52,17 +60,17 @@ class ShardedKV:
     def __init__(self, seq_lens, dcp, k, v):
         self.dcp = dcp
         stride = dcp * (max(seq_lens) + 64)
-        self.req_to_token = torch.zeros((len(seq_lens) + 1, stride), dtype=torch.int32, device="cuda")
+        self.req_to_token = torch.zeros((len(seq_lens) + 1, stride), dtype=torch.int32, device=DEVICE)
         locs = []
         for b, n in enumerate(seq_lens):
-            loc = (b + 1) * stride + torch.arange(n, device="cuda")
+            loc = (b + 1) * stride + torch.arange(n, device=DEVICE)
             self.req_to_token[b, :n] = loc.to(torch.int32)
             locs.append(loc)
         loc = torch.cat(locs)
         rows = (len(seq_lens) + 2) * stride // dcp
         self.pools = []
         for r in range(dcp):
-            kp = torch.zeros((rows, 1, HEAD_DIM), dtype=torch.bfloat16, device="cuda")
+            kp = torch.zeros((rows, 1, HEAD_DIM), dtype=torch.bfloat16, device=DEVICE)
             vp = torch.zeros_like(kp)
             mine = loc % dcp == r
             kp[loc[mine] // dcp] = k[mine]
@@ -74,25 +82,27 @@ class ShardedKV:
         from sglang_dcp.layers.attention.flashinfer_dcp_backend import local_kv_indices
 
         lens = torch.tensor(lens, dtype=torch.int32)
-        req_pool_indices = torch.arange(len(lens), dtype=torch.int64, device="cuda")
+        req_pool_indices = torch.arange(len(lens), dtype=torch.int64, device=DEVICE)
         indptr_cpu, _, indices = local_kv_indices(
-            self.req_to_token, req_pool_indices, lens.cuda(), lens, self.dcp, r
+            self.req_to_token, req_pool_indices, lens.to(DEVICE), lens, self.dcp, r
         )
         return indptr_cpu, indices
 
 
 def random_bf16(*shape):
-    return torch.randn(*shape, device="cuda").to(torch.bfloat16)
+    return torch.randn(*shape, device=DEVICE).to(torch.bfloat16)
 
 
+@needs_triton
 @pytest.mark.parametrize("num_ranks", [2, 3, 4, 8])
 def test_scale_kernel_matches_torch(num_ranks):
     from sglang_dcp.layers.attention.merge import scale_own_partial_torch
     from sglang_dcp.layers.attention.triton_ops import scale_own_partial_triton
 
     torch.manual_seed(num_ranks)
-    o = random_bf16(33, 16, HEAD_DIM)
-    lse = torch.randn(num_ranks, 33, 16, device="cuda") * 20
+    heads = 3 * num_ranks  # the gathered heads: D x Hq
+    o = random_bf16(33, heads, HEAD_DIM)
+    lse = torch.randn(num_ranks, 33, heads, device=DEVICE) * 20
     lse[0, :5] = -math.inf  # one empty shard
     lse[:, 7] = -math.inf  # every shard empty
     for rank in range(num_ranks):
@@ -106,6 +116,7 @@ def test_scale_kernel_matches_torch(num_ranks):
         assert torch.allclose(merged.double()[finite], ref_merged[finite], rtol=1e-6, atol=1e-5)
 
 
+@needs_triton
 @pytest.mark.parametrize("dcp", [2, 4])
 def test_kv_indices_kernel(dcp):
     from sglang_dcp.layers.attention.flashinfer_dcp_backend import KV_INDICES_PADDING
@@ -122,6 +133,7 @@ def test_kv_indices_kernel(dcp):
             assert torch.equal(indices[indptr[b] : indptr[b + 1]].long(), expected.long())
 
 
+@needs_cuda
 @pytest.mark.parametrize("heads_per_rank", [1, 8])
 @pytest.mark.parametrize("dcp", [2, 4])
 def test_decode_partials_merge_to_full_attention(dcp, heads_per_rank):
@@ -141,7 +153,7 @@ def test_decode_partials_merge_to_full_attention(dcp, heads_per_rank):
     k, v = random_bf16(sum(seq_lens), 1, HEAD_DIM), random_bf16(sum(seq_lens), 1, HEAD_DIM)
     kv = ShardedKV(seq_lens, dcp, k, v)
     scale = HEAD_DIM**-0.5
-    workspace = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    workspace = torch.empty(256 << 20, dtype=torch.uint8, device=DEVICE)
 
     partials = []
     for r in range(dcp):
@@ -154,7 +166,7 @@ def test_decode_partials_merge_to_full_attention(dcp, heads_per_rank):
         poison_cuda_cache()
         partials.append(wrapper.forward_return_lse(q, kv.pools[r], sm_scale=scale))
     lse_all = torch.stack([lse for _, lse in partials])
-    merged = sum(scale_own_partial_triton(o, lse_all, r)[0] for r, (o, _) in enumerate(partials))
+    merged = from_owner(sum(scale_own_partial_triton(o, lse_all, r)[0] for r, (o, _) in enumerate(partials)))
     merged_lse = scale_own_partial_triton(partials[0][0], lse_all, 0)[1]
 
     starts = [0] + list(torch.tensor(seq_lens).cumsum(0)[:-1].tolist())
@@ -164,6 +176,7 @@ def test_decode_partials_merge_to_full_attention(dcp, heads_per_rank):
         assert torch.allclose(merged_lse[b].double(), lse_ref[0], atol=1e-2), (b, n)
 
 
+@needs_cuda
 @pytest.mark.parametrize("dcp", [2, 4])
 def test_extend_partials_merge_to_full_attention(dcp):
     from flashinfer import BatchPrefillWithPagedKVCacheWrapper, BatchPrefillWithRaggedKVCacheWrapper
@@ -182,10 +195,10 @@ def test_extend_partials_merge_to_full_attention(dcp):
     k_all, v_all = random_bf16(sum(seq_lens), 1, HEAD_DIM), random_bf16(sum(seq_lens), 1, HEAD_DIM)
     kv = ShardedKV(seq_lens, dcp, k_all, v_all)
     seq_starts = [0] + torch.tensor(seq_lens).cumsum(0)[:-1].tolist()
-    new = torch.cat([torch.arange(s + p, s + p + e) for s, p, e in zip(seq_starts, prefix_lens, extend_lens)]).cuda()
+    new = torch.cat([torch.arange(s + p, s + p + e) for s, p, e in zip(seq_starts, prefix_lens, extend_lens)]).to(DEVICE)
     q = random_bf16(sum(extend_lens), heads, HEAD_DIM)
     scale = HEAD_DIM**-0.5
-    workspace = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    workspace = torch.empty(256 << 20, dtype=torch.uint8, device=DEVICE)
     qo_indptr = exclusive_cumsum(torch.tensor(extend_lens, dtype=torch.int32))
 
     ragged = BatchPrefillWithRaggedKVCacheWrapper(workspace, "NHD")
@@ -202,13 +215,13 @@ def test_extend_partials_merge_to_full_attention(dcp):
         poison_cuda_cache()
         partials.append(paged.forward_return_lse(q, kv.pools[r], causal=False, sm_scale=scale))
     lse_all = torch.stack([lse for _, lse in partials])
-    o_pre = sum(scale_own_partial_triton(o, lse_all, r)[0] for r, (o, _) in enumerate(partials))
+    o_pre = from_owner(sum(scale_own_partial_triton(o, lse_all, r)[0] for r, (o, _) in enumerate(partials)))
     lse_pre = scale_own_partial_triton(partials[0][0], lse_all, 0)[1]
     merged, _ = merge_states([o_new, o_pre], [lse_new, lse_pre], 2.0)
 
     q_start = 0
     for s, p, e in zip(seq_starts, prefix_lens, extend_lens):
-        positions = torch.arange(p, p + e, device="cuda")
+        positions = torch.arange(p, p + e, device=DEVICE)
         o_ref, _ = reference(q[q_start : q_start + e], k_all[s : s + p + e], v_all[s : s + p + e], scale, positions)
         assert rel_err(merged[q_start : q_start + e], o_ref) < BF16_REL_TOL, (p, e)
         q_start += e

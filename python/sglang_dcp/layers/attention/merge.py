@@ -9,8 +9,9 @@ An empty subset has ``lse_i = -inf`` and weight 0; if every subset is empty the 
 
 ``dcp_merge`` applies this across a DCP group: every rank scales its own partial output
 by its weight (the only device-specific step: a fused Triton kernel on CUDA, PyTorch
-elsewhere) and one reduce-scatter over the heads sums the scaled parts, handing each rank
-the heads it owns.
+elsewhere), laid out by owner (``[D, T, Hq, dv]``: chunk ``c`` holds the heads of rank
+``c``), and one reduce-scatter over that first dim sums the scaled parts, handing each rank
+the heads it owns without a transposing copy.
 """
 
 import math
@@ -56,16 +57,31 @@ def weighted(o: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.where(weight > 0, o.float() * weight, 0.0)
 
 
+def by_owner(x: torch.Tensor, num_ranks: int) -> torch.Tensor:
+    """``x [T, D*Hq, ...]`` (rank-major heads) as ``[D, T, Hq, ...]``: chunk ``c`` holds
+    the heads of rank ``c``."""
+    tokens, heads = x.shape[:2]
+    x = x.reshape(tokens, num_ranks, heads // num_ranks, *x.shape[2:])
+    return x.transpose(0, 1).contiguous()
+
+
+def from_owner(x: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``by_owner``: ``[D, T, Hq, ...] -> [T, D*Hq, ...]``."""
+    num_ranks, tokens, heads = x.shape[:3]
+    return x.transpose(0, 1).reshape(tokens, num_ranks * heads, *x.shape[3:])
+
+
 def scale_own_partial_torch(
     o: torch.Tensor, lse2_all: torch.Tensor, rank: int
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """PyTorch reference of the DCP correction step.
 
     ``o [T, H, dv]`` is this rank's partial output, ``lse2_all [D, T, H]`` every rank's
-    base-2 LSE. Returns ``(w_rank * o`` in float32, merged base-2 ``lse [T, H])``.
+    base-2 LSE. Returns ``(w_rank * o`` in float32 ``by_owner`` (``[D, T, H/D, dv]``),
+    merged base-2 ``lse [T, H])``.
     """
     weights, lse2 = lse_weights(lse2_all)
-    return weighted(o, weights[rank]), lse2
+    return by_owner(weighted(o, weights[rank]), lse2_all.shape[0]), lse2
 
 
 def scale_own_partial(
@@ -91,7 +107,7 @@ def dcp_merge(
     rank = group.rank_in_group
     lse2_all = all_gather_along_dim(group, to_base2(lse, lse_base).unsqueeze(0), dim=0)
     scaled, lse2 = scale_own_partial(o, lse2_all, rank)
-    merged = reduce_scatter_along_dim(group, scaled, dim=1)
+    merged = reduce_scatter_along_dim(group, scaled, dim=0)[0]
     own_heads = lse2.shape[1] // group.world_size
     own_lse2 = lse2[:, rank * own_heads : (rank + 1) * own_heads]
     return merged, from_base2(own_lse2, lse_base)

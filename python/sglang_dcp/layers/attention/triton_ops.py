@@ -3,7 +3,8 @@
 * ``scale_own_partial_triton``: the DCP correction step in one pass. For each (token, head)
   it reads the D base-2 LSEs, forms ``lse = log2 sum_r 2^lse_r`` and
   ``w = 2^(lse_own - lse)`` (0 for an empty shard or when every shard is empty) and
-  writes ``w * o_own`` in float32 plus ``lse``.
+  writes ``w * o_own`` in float32, laid out by owner (head ``h = c*Hq + j`` of token ``t``
+  to ``out[c, t, j]``, ready for the reduce-scatter), plus ``lse``.
 * ``dcp_kv_indices_triton``: for each request ``b``, the physical rows of the tokens
   stored on this rank, ``req_to_token[req_b, rank + j*D] // D`` for ``j < local_len_b``,
   written at ``kv_indices[kv_indptr[b]:]``.
@@ -21,6 +22,8 @@ def _scale_own_partial_kernel(
     out_ptr,
     lse_out_ptr,
     num_rows,
+    num_tokens,
+    num_heads,
     rank,
     head_dim,
     NUM_RANKS: tl.constexpr,
@@ -36,23 +39,31 @@ def _scale_own_partial_kernel(
     own = tl.load(lse_all_ptr + rank * num_rows + row)
     weight = tl.where(total > 0.0, tl.exp2(own - finite_max) / total, 0.0)
     tl.store(lse_out_ptr + row, finite_max + tl.log2(total))
+    # row = t * H + h, h = owner * Hq + j  ->  out row (owner * T + t) * Hq + j
+    heads_per_rank = num_heads // NUM_RANKS
+    token = row // num_heads
+    head = row % num_heads
+    owner = head // heads_per_rank
+    out_row = (owner * num_tokens + token) * heads_per_rank + head % heads_per_rank
     dims = tl.arange(0, BLOCK_D)
     in_dim = dims < head_dim
     o = tl.load(o_ptr + row * head_dim + dims, mask=in_dim, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * head_dim + dims, tl.where(weight > 0.0, o * weight, 0.0), mask=in_dim)
+    tl.store(out_ptr + out_row * head_dim + dims, tl.where(weight > 0.0, o * weight, 0.0), mask=in_dim)
 
 
 def scale_own_partial_triton(o: torch.Tensor, lse2_all: torch.Tensor, rank: int):
-    """``o [T, H, dv]``, base-2 ``lse2_all [D, T, H]`` -> (``w_rank * o`` fp32, ``lse [T, H]``)."""
+    """``o [T, H, dv]``, base-2 ``lse2_all [D, T, H]`` -> (``w_rank * o`` fp32 by owner
+    ``[D, T, H/D, dv]``, ``lse [T, H]``)."""
     num_ranks, tokens, heads = lse2_all.shape
+    assert heads % num_ranks == 0 and o.shape[:2] == (tokens, heads), (o.shape, lse2_all.shape)
     head_dim = o.shape[-1]
     o = o.contiguous()
     lse2_all = lse2_all.float().contiguous()
-    out = torch.empty(o.shape, dtype=torch.float32, device=o.device)
+    out = torch.empty((num_ranks, tokens, heads // num_ranks, head_dim), dtype=torch.float32, device=o.device)
     lse_out = torch.empty((tokens, heads), dtype=torch.float32, device=o.device)
     if tokens * heads:
         _scale_own_partial_kernel[(tokens * heads,)](
-            o, lse2_all, out, lse_out, tokens * heads, rank, head_dim,
+            o, lse2_all, out, lse_out, tokens * heads, tokens, heads, rank, head_dim,
             NUM_RANKS=num_ranks,
             RANKS_P2=triton.next_power_of_2(num_ranks),
             BLOCK_D=triton.next_power_of_2(head_dim),
