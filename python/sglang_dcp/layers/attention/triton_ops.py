@@ -21,7 +21,6 @@ def _scale_own_partial_kernel(
     lse_all_ptr,
     out_ptr,
     lse_out_ptr,
-    num_rows,
     num_tokens,
     num_heads,
     rank,
@@ -30,7 +29,8 @@ def _scale_own_partial_kernel(
     RANKS_P2: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    row = tl.program_id(0).to(tl.int64)  # t * H + h
+    num_rows = num_tokens * num_heads
     ranks = tl.arange(0, RANKS_P2)
     lse = tl.load(lse_all_ptr + ranks * num_rows + row, mask=ranks < NUM_RANKS, other=-float("inf"))
     lse_max = tl.max(lse, axis=0)
@@ -39,7 +39,7 @@ def _scale_own_partial_kernel(
     own = tl.load(lse_all_ptr + rank * num_rows + row)
     weight = tl.where(total > 0.0, tl.exp2(own - finite_max) / total, 0.0)
     tl.store(lse_out_ptr + row, finite_max + tl.log2(total))
-    # row = t * H + h, h = owner * Hq + j  ->  out row (owner * T + t) * Hq + j
+    # h = owner * Hq + j  ->  out row (owner * T + t) * Hq + j
     heads_per_rank = num_heads // NUM_RANKS
     token = row // num_heads
     head = row % num_heads
@@ -63,7 +63,7 @@ def scale_own_partial_triton(o: torch.Tensor, lse2_all: torch.Tensor, rank: int)
     lse_out = torch.empty((tokens, heads), dtype=torch.float32, device=o.device)
     if tokens * heads:
         _scale_own_partial_kernel[(tokens * heads,)](
-            o, lse2_all, out, lse_out, tokens * heads, tokens, heads, rank, head_dim,
+            o, lse2_all, out, lse_out, tokens, heads, rank, head_dim,
             NUM_RANKS=num_ranks,
             RANKS_P2=triton.next_power_of_2(num_ranks),
             BLOCK_D=triton.next_power_of_2(head_dim),
