@@ -46,7 +46,6 @@ import socket
 import statistics
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Optional
 
 import torch
@@ -54,7 +53,7 @@ import torch.distributed
 import torch.multiprocessing as mp
 from tqdm import tqdm
 
-from plotting import pyplot
+from bench_common import int_list, pyplot, utc_now
 
 from sglang.srt.distributed.parallel_state import (
     destroy_distributed_environment,
@@ -392,7 +391,7 @@ def report(args, dtype, bandwidth, latency, check, results, skipped) -> None:
     out = {
         "title": f"decode attention, one layer: TP vs TP + DCP{args.dcp}, {card}",
         "card": card, "gpu_count": torch.cuda.device_count() if args.device == "cuda" else 0,
-        "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date_utc": utc_now(),
         "config": {**vars(args), "heads_per_rank": HEADS_PER_RANK, "kv_heads": KV_HEADS,
                    "head_dim": HEAD_DIM, "dtype": str(dtype).replace("torch.", ""),
                    "kv_bytes_per_token": kv_bytes_per_token(dtype)},
@@ -461,10 +460,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def int_list(text: str):
-    return [int(x) for x in text.split(",") if x]
 
 
 def main():

@@ -29,7 +29,7 @@ import tempfile
 
 from tqdm import tqdm
 
-from plotting import pyplot
+from bench_common import int_list, pyplot, utc_now
 
 from sglang_dcp.test.models import write_dummy_gqa_model
 from sglang_dcp.test.serving import Server, bench_serving, device_server_args, write_byte_tokenizer
@@ -184,8 +184,8 @@ def main():
     parser.add_argument("--out", default="benchmark/dcp/results")
     args = parser.parse_args()
     args.shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",") if s]
-    args.concurrency = [int(c) for c in args.concurrency.split(",") if c]
-    args.latency_inputs = [int(n) for n in args.latency_inputs.split(",") if n]
+    args.concurrency = int_list(args.concurrency)
+    args.latency_inputs = int_list(args.latency_inputs)
     configs = [c for c in args.configs.split(",") if c]
     if not configs or set(configs) - set(CONFIG_LABELS):
         parser.error(f"--configs must list some of {sorted(CONFIG_LABELS)}, got {args.configs!r}")
@@ -206,7 +206,7 @@ def main():
     name = "serving_sweep" if args.engine == "plugin" else "serving_sweep_upstream"
     os.makedirs(args.out, exist_ok=True)
     for config in configs:
-        results[CONFIG_LABELS[config]] = run_config(model, args, config, work)
+        results[CONFIG_LABELS[config]] = {**run_config(model, args, config, work), "date_utc": utc_now()}
         if {"tp", "tp+dcp"} <= results.keys():
             results["capacity_ratio"] = results["tp+dcp"]["capacity_tokens"] / results["tp"]["capacity_tokens"]
         with open(os.path.join(args.out, f"{name}.json"), "w") as f:  # after each config

@@ -1,6 +1,18 @@
-"""matplotlib for the benchmarks (imported by the scripts beside this file)."""
+"""Small helpers of the benchmark scripts beside this file (they import it by name)."""
 
 import sys
+from datetime import datetime, timezone
+from typing import List
+
+
+def int_list(text: str) -> List[int]:
+    """``"1,8,32"`` -> ``[1, 8, 32]``."""
+    return [int(x) for x in text.split(",") if x]
+
+
+def utc_now() -> str:
+    """When a result was measured, e.g. ``2026-11-28T03:24:39+00:00``."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def pyplot():
