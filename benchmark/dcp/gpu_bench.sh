@@ -47,7 +47,7 @@ for stage in "${stages[@]}"; do
         python3 benchmark/dcp/bench_serving_sweep.py "${SWEEP_ARGS[@]}" --engine upstream --configs dcp
       ;;
     summary)
-      python3 benchmark/dcp/gpu_summary.py "$WORK" "$OUT/gpu_bench.json"
+      python3 benchmark/dcp/gpu_summary.py "$WORK" "$OUT/gpu_bench.json" "$(gpu_card)"
       (cd "$WORK" && tar czf "$OUT/gpu_bench_logs.tgz" $(ls *.log dcp_sweep_*/*.log 2>/dev/null))
       ;;
     *) echo "unknown stage $stage"; exit 2 ;;

@@ -41,7 +41,7 @@ for stage in "${stages[@]}"; do
       run_stage http python3 benchmark/dcp/http_check.py --tp 2 --dcp 2 --out "$WORK"
       ;;
     summary)
-      python3 benchmark/dcp/gpu_summary.py "$WORK" "$OUT/gpu_check.json"
+      python3 benchmark/dcp/gpu_summary.py "$WORK" "$OUT/gpu_check.json" "$(gpu_card)"
       tar czf "$OUT/gpu_check_logs.tgz" -C "$WORK" $(cd "$WORK" && ls *.log 2>/dev/null)
       ;;
     *) echo "unknown stage $stage"; exit 2 ;;

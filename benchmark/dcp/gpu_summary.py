@@ -1,25 +1,16 @@
 """Summarise the stages of gpu_check.sh found in WORK: print a table, write JSON.
 
-    python benchmark/dcp/gpu_summary.py WORK_DIR OUT_JSON
+    python benchmark/dcp/gpu_summary.py WORK_DIR OUT_JSON CARD
+
+CARD names the GPUs (``gpu_card`` of gpu_common.sh, e.g. "2x NVIDIA H100 80GB HBM3").
 """
 
 import datetime
 import glob
 import json
 import os
-import subprocess
 import sys
 import xml.etree.ElementTree as ET
-
-
-def gpu_name() -> str:
-    try:
-        names = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                               capture_output=True, text=True).stdout.split("\n")
-        names = [n for n in names if n]
-        return f"{len(names)}x {names[0]}" if names else "no GPU"
-    except OSError:
-        return "no GPU"
 
 
 def junit_counts(path: str) -> str:
@@ -31,9 +22,9 @@ def junit_counts(path: str) -> str:
 
 
 def main():
-    work, out_json = sys.argv[1], sys.argv[2]
+    work, out_json, card = sys.argv[1:]
     summary = {
-        "card": gpu_name(),
+        "card": card,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "stages": {},
         "e2e": {},
