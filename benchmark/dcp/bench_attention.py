@@ -183,7 +183,7 @@ def dcp_decode(rank: Rank, wrapper, q: torch.Tensor, kv) -> torch.Tensor:
     """``DCPAttnBackend.forward_decode`` without the KV write: ``q [B, Hq, d] -> o [B, Hq, d]``."""
     q_all = all_gather_along_dim(rank.group, q, dim=1)
     o, lse = wrapper.forward_return_lse(q_all, kv, sm_scale=SM_SCALE)
-    return dcp_merge(rank.group, o, lse, rank.lse_base)[0].to(q.dtype)
+    return dcp_merge(rank.group, o, lse, rank.lse_base, out_dtype=q.dtype)[0]
 
 
 def max_over_ranks(value: float) -> float:

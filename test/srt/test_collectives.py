@@ -25,9 +25,9 @@ def worker(rank, world, dcp, port, errors):
 
         from sglang_dcp.distributed.parallel_state import (
             all_gather_along_dim,
+            all_to_all_chunks,
             get_dcp_group,
             initialize_dcp_group,
-            reduce_scatter_along_dim,
         )
         from sglang_dcp.layers.attention.merge import dcp_merge
         from sglang_dcp.layers.attention.torch_native_dcp_backend import attention_with_lse
@@ -49,12 +49,10 @@ def worker(rank, world, dcp, port, errors):
         expected = torch.cat([torch.full((3, 2, 5), float(g)) for g in group.ranks], dim=1)
         assert torch.equal(gathered, expected)
 
-        # reduce-scatter along dim 1: sum of all ranks, own chunk
-        y = torch.arange(4 * dcp * 6, dtype=torch.float32).reshape(4, dcp * 2, 3) * (rank + 1)
-        scattered = reduce_scatter_along_dim(group, y, dim=1)
-        total = sum(g + 1 for g in group.ranks)
-        base = torch.arange(4 * dcp * 6, dtype=torch.float32).reshape(4, dcp * 2, 3) * total
-        assert torch.equal(scattered, base[:, 2 * r : 2 * r + 2])
+        # all-to-all of chunks: chunk c of rank s arrives at rank c as chunk s
+        sent = torch.stack([torch.full((2, 3), 10.0 * r + c) for c in range(dcp)]).to(torch.uint8)
+        received = all_to_all_chunks(group, sent)
+        assert torch.equal(received, torch.stack([torch.full((2, 3), 10.0 * s + r) for s in range(dcp)]).to(torch.uint8))
 
         # dcp_merge: partial attention over each rank's token shard == full attention
         gen = torch.Generator().manual_seed(0)  # same problem on every rank
@@ -67,7 +65,7 @@ def worker(rank, world, dcp, port, errors):
         own = slice(r * heads_per_rank, (r + 1) * heads_per_rank)
         for base in (2.0, math.e):
             lse_in = lse_part if base == math.e else lse_part * math.log2(math.e)
-            o, lse = dcp_merge(group, o_part, lse_in, base)
+            o, lse = dcp_merge(group, o_part, lse_in, base, out_dtype=torch.float32)
             lse_out = lse if base == math.e else lse / math.log2(math.e)
             assert torch.allclose(o, o_full[:, own], atol=1e-5), (o - o_full[:, own]).abs().max()
             assert torch.allclose(lse_out, lse_full[:, own], atol=1e-5)

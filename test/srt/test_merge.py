@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from sglang_dcp.layers.attention.merge import (
-    from_owner,
+    PartialLayout,
     lse_weights,
+    merge_packed_torch,
     merge_states,
-    scale_own_partial_torch,
+    pack_by_owner_torch,
     to_base2,
 )
 from sglang_dcp.layers.attention.torch_native_dcp_backend import attention_with_lse
@@ -74,14 +75,37 @@ def test_merge_states_equals_full_attention(base, num_parts, empty):
     assert torch.allclose(lse.double(), in_base(lse_ref, base), atol=1e-5)
 
 
+def exchange(buffers, owner):
+    """What ``all_to_all_chunks`` hands rank ``owner``: chunk ``owner`` of every rank's buffer."""
+    return torch.stack([buf[owner] for buf in buffers])
+
+
 @pytest.mark.parametrize("base", BASES)
-def test_scaled_partials_sum_to_full_attention(base):
-    """The per-rank correction step: sum_r scale_own_partial(o_r) == full attention."""
+def test_packed_partials_merge_to_full_attention(base):
+    """Each rank packs its partials of all gathered heads; after the exchange every owner
+    merges its own heads into full attention (the ``dcp_merge`` steps without a group)."""
     torch.manual_seed(7)
-    parts, (o_ref, _) = random_partials(4, tokens=3, heads=8, dim=16, empty=(2,))
-    lse2_all = torch.stack([to_base2(in_base(lse, base), base) for _, lse in parts])
-    total = from_owner(sum(scale_own_partial_torch(o, lse2_all, r)[0] for r, (o, _) in enumerate(parts)))
-    assert (total.double() - o_ref).norm() / o_ref.norm() < 1e-6
+    num_ranks, heads_per_rank = 4, 2
+    parts, (o_ref, lse_ref) = random_partials(num_ranks, tokens=3, heads=num_ranks * heads_per_rank, dim=16, empty=(2,))
+    layout = PartialLayout(3, heads_per_rank, 16, torch.float32)
+    buffers = [pack_by_owner_torch(o, to_base2(in_base(lse, base), base), layout, num_ranks) for o, lse in parts]
+    for owner in range(num_ranks):
+        own = slice(owner * heads_per_rank, (owner + 1) * heads_per_rank)
+        o, lse2 = merge_packed_torch(exchange(buffers, owner), layout, torch.float64)
+        assert o.dtype == torch.float64
+        assert (o - o_ref[:, own]).norm() / o_ref[:, own].norm() < 1e-6
+        assert torch.allclose(lse2.double(), in_base(lse_ref[:, own], 2.0), atol=1e-5)
+
+
+def test_partial_layout_views_share_the_buffer():
+    layout = PartialLayout(tokens=3, heads=2, head_dim=8, o_dtype=torch.bfloat16)
+    buf = layout.new_buffer(4, "cpu")
+    assert buf.shape == (4, 3 * 2 * 8 * 2 + 3 * 2 * 4)
+    o, lse = layout.views(buf)
+    assert o.shape == (4, 3, 2, 8) and lse.shape == (4, 3, 2)
+    o.fill_(1.0)
+    lse.fill_(-math.inf)
+    assert torch.all(layout.views(buf)[0] == 1.0) and torch.all(layout.views(buf)[1] == -math.inf)
 
 
 def test_all_empty_shards_give_zero_weights_and_minus_inf():
@@ -97,8 +121,6 @@ def test_garbage_in_an_empty_shard_does_not_leak():
     lse = torch.randn(2, 4)
     merged, merged_lse = merge_states([o, garbage], [lse, torch.full((2, 4), -math.inf)], 2.0)
     assert torch.equal(merged, o) and torch.equal(merged_lse, lse)
-    lse2_all = torch.stack([lse, torch.full((2, 4), -math.inf)])
-    assert torch.all(scale_own_partial_torch(garbage, lse2_all, 1)[0] == 0)
 
 
 def test_weights_are_exact_for_large_lse_gaps():

@@ -84,21 +84,24 @@ def all_gather_along_dim(group: GroupCoordinator, x: torch.Tensor, dim: int) -> 
     return group.all_gather(x.contiguous(), dim=dim).contiguous()
 
 
-def reduce_scatter_along_dim(
-    group: GroupCoordinator, x: torch.Tensor, dim: int
-) -> torch.Tensor:
-    """Sum ``x`` over the group and keep chunk ``rank_in_group`` of ``dim``.
+def all_to_all_chunks(group: GroupCoordinator, x: torch.Tensor) -> torch.Tensor:
+    """Chunk ``c`` of ``x [D, ...]`` goes to rank ``c``; returns ``y [D, ...]`` with ``y[c]``
+    the chunk rank ``c`` sent here.
 
-    NCCL: one reduce-scatter of ``x`` with ``dim`` moved first. gloo has no
-    reduce-scatter; there it is an all-reduce followed by taking the own chunk.
+    During CUDA-graph capture (pynccl on) one NCCL group of send/recv pairs, as SGLang's
+    pynccl collectives are captured; otherwise ``torch.distributed.all_to_all_single``
+    (NCCL, or gloo on CPU).
     """
-    world = group.world_size
-    assert x.shape[dim] % world == 0, f"dim {dim} of {tuple(x.shape)} not divisible by {world}"
-    moved = x.movedim(dim, 0).contiguous()
-    if moved.is_cpu:
-        torch.distributed.all_reduce(moved, group=group.device_group)
-        chunk = moved.chunk(world, dim=0)[group.rank_in_group]
+    assert x.shape[0] == group.world_size, f"{tuple(x.shape)}: dim 0 must be the group size"
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    pynccl = group.pynccl_comm
+    if pynccl is not None and not pynccl.disabled:
+        pynccl.group_start()
+        for peer in range(group.world_size):
+            pynccl.send(x[peer], peer)
+            pynccl.recv(out[peer], peer)
+        pynccl.group_end()
     else:
-        chunk = moved.new_empty((moved.shape[0] // world,) + moved.shape[1:])
-        group.reduce_scatter_tensor(chunk, moved)
-    return chunk.movedim(0, dim).contiguous()
+        torch.distributed.all_to_all_single(out, x, group=group.device_group)
+    return out

@@ -2,9 +2,9 @@
 
 The D ranks of a DCP group are simulated in one process: each rank's KV pool holds the
 tokens it owns (slot ``loc`` -> rank ``loc % D``, row ``loc // D``), FlashInfer computes
-its partial result over them with the gathered heads, ``scale_own_partial_triton``
-applies its weight, and the sum over ranks (what the reduce-scatter computes) must equal
-full attention. Outputs are poisoned with NaN through the caching allocator beforehand,
+its partial result over them with the gathered heads, ``pack_by_owner_triton`` packs it
+by owner, the exchange of ``all_to_all_chunks`` is done by indexing, and each owner's
+``merge_packed_triton`` must give full attention for its heads. Outputs are poisoned with NaN through the caching allocator beforehand,
 so an element a kernel fails to write shows up as NaN.
 
 Without a GPU, the two Triton-only tests also run on CPU under Triton's interpreter
@@ -16,8 +16,6 @@ import os
 
 import pytest
 import torch
-
-from sglang_dcp.layers.attention.merge import from_owner
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -93,27 +91,53 @@ def random_bf16(*shape):
     return torch.randn(*shape, device=DEVICE).to(torch.bfloat16)
 
 
+def merge_across_ranks(partials, out_dtype=torch.float32):
+    """``dcp_merge`` of every rank's ``(o [T, D*Hq, dv], base-2 lse [T, D*Hq])`` in one
+    process: pack on each rank, exchange chunks by indexing, merge on each owner. Returns
+    the merged ``o [T, D*Hq, dv]`` and ``lse`` of all heads (owner-major = rank-major)."""
+    from sglang_dcp.layers.attention.merge import PartialLayout
+    from sglang_dcp.layers.attention.triton_ops import merge_packed_triton, pack_by_owner_triton
+
+    num_ranks = len(partials)
+    tokens, heads, head_dim = partials[0][0].shape
+    layout = PartialLayout(tokens, heads // num_ranks, head_dim, partials[0][0].dtype)
+    sent = [pack_by_owner_triton(o, lse, layout, num_ranks) for o, lse in partials]
+    merged = [merge_packed_triton(torch.stack([buf[c] for buf in sent]), layout, out_dtype) for c in range(num_ranks)]
+    return torch.cat([o for o, _ in merged], dim=1), torch.cat([lse for _, lse in merged], dim=1)
+
+
 @needs_triton
 @pytest.mark.parametrize("num_ranks", [2, 3, 4, 8])
-def test_scale_kernel_matches_torch(num_ranks):
-    from sglang_dcp.layers.attention.merge import scale_own_partial_torch
-    from sglang_dcp.layers.attention.triton_ops import scale_own_partial_triton
+def test_pack_and_merge_kernels_match_torch(num_ranks):
+    from sglang_dcp.layers.attention.merge import PartialLayout, merge_packed_torch, pack_by_owner_torch
+    from sglang_dcp.layers.attention.triton_ops import merge_packed_triton, pack_by_owner_triton
 
     torch.manual_seed(num_ranks)
-    heads = 3 * num_ranks  # the gathered heads: D x Hq
-    o = random_bf16(33, heads, HEAD_DIM)
-    lse = torch.randn(num_ranks, 33, heads, device=DEVICE) * 20
-    lse[0, :5] = -math.inf  # one empty shard
-    lse[:, 7] = -math.inf  # every shard empty
-    for rank in range(num_ranks):
-        poison_cuda_cache()
-        out, merged = scale_own_partial_triton(o, lse, rank)
-        ref_out, ref_merged = scale_own_partial_torch(o.double(), lse.double(), rank)
-        assert not torch.isnan(out).any() and not torch.isnan(merged).any()
-        assert torch.allclose(out.double(), ref_out, rtol=1e-5, atol=1e-6)
-        assert torch.equal(torch.isinf(merged), torch.isinf(ref_merged))
-        finite = torch.isfinite(ref_merged)
-        assert torch.allclose(merged.double()[finite], ref_merged[finite], rtol=1e-6, atol=1e-5)
+    tokens, heads_per_rank = 33, 3
+    heads = heads_per_rank * num_ranks  # the gathered heads: D x Hq
+    o = random_bf16(tokens, heads, HEAD_DIM)
+    lse = torch.randn(tokens, heads, device=DEVICE) * 20
+    layout = PartialLayout(tokens, heads_per_rank, HEAD_DIM, torch.bfloat16)
+    poison_cuda_cache()
+    packed = pack_by_owner_triton(o, lse, layout, num_ranks)
+    assert torch.equal(packed, pack_by_owner_torch(o, lse, layout, num_ranks))
+
+    received = layout.new_buffer(num_ranks, DEVICE)  # D partials of one owner's heads
+    o_all, lse_all = layout.views(received)
+    o_all.copy_(random_bf16(num_ranks, tokens, heads_per_rank, HEAD_DIM))
+    lse_all.copy_(torch.randn(num_ranks, tokens, heads_per_rank, device=DEVICE) * 20)
+    lse_all[0, :5] = -math.inf  # one empty shard ...
+    o_all[0, :5] = float("nan")  # ... whose output is garbage
+    lse_all[:, 7] = -math.inf  # every shard empty
+    poison_cuda_cache()
+    out, merged = merge_packed_triton(received, layout, torch.bfloat16)
+    ref_out, ref_merged = merge_packed_torch(received, layout, torch.float64)
+    assert out.dtype == torch.bfloat16 and not torch.isnan(out).any() and not torch.isnan(merged).any()
+    assert torch.all(out[7] == 0)
+    assert torch.allclose(out.double(), ref_out, rtol=1e-2, atol=1e-2)
+    assert torch.equal(torch.isinf(merged), torch.isinf(ref_merged))
+    finite = torch.isfinite(ref_merged)
+    assert torch.allclose(merged.double()[finite], ref_merged[finite].double(), rtol=1e-6, atol=1e-5)
 
 
 @needs_triton
@@ -143,7 +167,6 @@ def test_decode_partials_merge_to_full_attention(dcp, heads_per_rank):
     from sglang.srt.layers.attention.flashinfer_backend import should_use_tensor_core
 
     from sglang_dcp.layers.attention.flashinfer_dcp_backend import PAGED_KERNEL_BACKEND
-    from sglang_dcp.layers.attention.triton_ops import scale_own_partial_triton
 
     torch.manual_seed(dcp)
     seq_lens = [1, 2, 7, 300, 4097]  # 1 and 2 leave some ranks without tokens
@@ -165,9 +188,7 @@ def test_decode_partials_merge_to_full_attention(dcp, heads_per_rank):
                      HEAD_DIM, 1, data_type=torch.bfloat16, q_data_type=torch.bfloat16)
         poison_cuda_cache()
         partials.append(wrapper.forward_return_lse(q, kv.pools[r], sm_scale=scale))
-    lse_all = torch.stack([lse for _, lse in partials])
-    merged = from_owner(sum(scale_own_partial_triton(o, lse_all, r)[0] for r, (o, _) in enumerate(partials)))
-    merged_lse = scale_own_partial_triton(partials[0][0], lse_all, 0)[1]
+    merged, merged_lse = merge_across_ranks(partials)
 
     starts = [0] + list(torch.tensor(seq_lens).cumsum(0)[:-1].tolist())
     for b, (start, n) in enumerate(zip(starts, seq_lens)):
@@ -186,7 +207,6 @@ def test_extend_partials_merge_to_full_attention(dcp):
         exclusive_cumsum,
     )
     from sglang_dcp.layers.attention.merge import merge_states
-    from sglang_dcp.layers.attention.triton_ops import scale_own_partial_triton
 
     torch.manual_seed(10 + dcp)
     prefix_lens, extend_lens = [0, 3, 64, 1000, 1], [5, 1, 17, 40, 2]
@@ -214,9 +234,7 @@ def test_extend_partials_merge_to_full_attention(dcp):
                    HEAD_DIM, 1, causal=False, q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16)
         poison_cuda_cache()
         partials.append(paged.forward_return_lse(q, kv.pools[r], causal=False, sm_scale=scale))
-    lse_all = torch.stack([lse for _, lse in partials])
-    o_pre = from_owner(sum(scale_own_partial_triton(o, lse_all, r)[0] for r, (o, _) in enumerate(partials)))
-    lse_pre = scale_own_partial_triton(partials[0][0], lse_all, 0)[1]
+    o_pre, lse_pre = merge_across_ranks(partials)
     merged, _ = merge_states([o_new, o_pre], [lse_new, lse_pre], 2.0)
 
     q_start = 0

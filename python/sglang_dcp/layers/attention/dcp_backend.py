@@ -6,8 +6,8 @@ Per layer, on DCP rank ``r`` of a group of ``D`` ranks that hold the same KV hea
   the dump row (``layout.local_write_rows``). The rows are the same for every layer of a
   forward pass: computed at its first layer (inside a captured CUDA graph too), reused after.
 * Decode: all-gather Q over the group along heads (``Hq -> D*Hq``), partial attention with
-  LSE over the tokens stored here, ``dcp_merge`` (LSE all-gather, scale, reduce-scatter
-  back to the ``Hq`` heads of this rank).
+  LSE over the tokens stored here, ``dcp_merge`` (one all-to-all of the packed partials
+  and a local merge back to the ``Hq`` heads of this rank, in the model dtype).
 * Extend: the new tokens attend causally to their own K/V with this rank's ``Hq`` heads
   (every rank has them); if any request has a cached prefix, gathered Q attends
   non-causally to the prefix tokens stored here, ``dcp_merge`` combines the group, and
@@ -74,8 +74,8 @@ class DCPAttnBackend(AttentionBackend):
         if save_kv_cache and k is not None:
             self.write_kv(layer, k, v)
         o, lse = self.partial_decode(self.gather_heads(q, layer), layer, forward_batch)
-        o, _ = dcp_merge(self.dcp_group, o, lse, self.lse_base)
-        return o.to(q.dtype).reshape(-1, layer.tp_q_head_num * layer.v_head_dim)
+        o, _ = dcp_merge(self.dcp_group, o, lse, self.lse_base, out_dtype=q.dtype)
+        return o.reshape(-1, layer.tp_q_head_num * layer.v_head_dim)
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         self.begin_layer(layer, forward_batch)
@@ -89,6 +89,8 @@ class DCPAttnBackend(AttentionBackend):
             o_pre, lse_pre = self.partial_extend_prefix(
                 self.gather_heads(q, layer), layer, forward_batch
             )
-            o_pre, lse_pre = dcp_merge(self.dcp_group, o_pre, lse_pre, self.lse_base)
+            o_pre, lse_pre = dcp_merge(
+                self.dcp_group, o_pre, lse_pre, self.lse_base, out_dtype=torch.float32
+            )
             o, lse = merge_states([o, o_pre], [lse, lse_pre], self.lse_base)
         return o.to(q.dtype).reshape(-1, layer.tp_q_head_num * layer.v_head_dim)

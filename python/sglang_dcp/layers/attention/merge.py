@@ -7,22 +7,21 @@ A partial result over a key subset ``S_i`` is ``(o_i, lse_i)`` with
 An empty subset has ``lse_i = -inf`` and weight 0; if every subset is empty the merged
 ``lse`` is ``-inf`` and every weight is 0.
 
-``dcp_merge`` applies this across a DCP group: every rank scales its own partial output
-by its weight (the only device-specific step: a fused Triton kernel on CUDA, PyTorch
-elsewhere), laid out by owner (``[D, T, Hq, dv]``: chunk ``c`` holds the heads of rank
-``c``), and one reduce-scatter over that first dim sums the scaled parts, handing each rank
-the heads it owns without a transposing copy.
+``dcp_merge`` applies this across a DCP group with one collective: every rank packs its
+partial results for the gathered heads by owner (chunk ``c`` of the exchange buffer holds
+``o`` and base-2 ``lse`` of the heads of rank ``c``, ``PartialLayout``), one all-to-all
+hands each rank the D partials of its own heads, and a local merge combines them and
+casts to the output dtype. Pack and merge are fused Triton kernels on CUDA, PyTorch
+elsewhere.
 """
 
+import dataclasses
 import math
 from typing import Sequence, Tuple
 
 import torch
 
-from sglang_dcp.distributed.parallel_state import (
-    all_gather_along_dim,
-    reduce_scatter_along_dim,
-)
+from sglang_dcp.distributed.parallel_state import all_to_all_chunks
 
 LOG2_E = math.log2(math.e)
 
@@ -57,66 +56,92 @@ def weighted(o: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return torch.where(weight > 0, o.float() * weight, 0.0)
 
 
-def by_owner(x: torch.Tensor, num_ranks: int) -> torch.Tensor:
-    """``x [T, D*Hq, ...]`` (rank-major heads) as ``[D, T, Hq, ...]``: chunk ``c`` holds
-    the heads of rank ``c``."""
-    tokens, heads = x.shape[:2]
-    x = x.reshape(tokens, num_ranks, heads // num_ranks, *x.shape[2:])
-    return x.transpose(0, 1).contiguous()
-
-
-def from_owner(x: torch.Tensor) -> torch.Tensor:
-    """The inverse of ``by_owner``: ``[D, T, Hq, ...] -> [T, D*Hq, ...]``."""
-    num_ranks, tokens, heads = x.shape[:3]
-    return x.transpose(0, 1).reshape(tokens, num_ranks * heads, *x.shape[3:])
-
-
-def scale_own_partial_torch(
-    o: torch.Tensor, lse2_all: torch.Tensor, rank: int
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """PyTorch reference of the DCP correction step.
-
-    ``o [T, H, dv]`` is this rank's partial output, ``lse2_all [D, T, H]`` every rank's
-    base-2 LSE. Returns ``(w_rank * o`` in float32 ``by_owner`` (``[D, T, H/D, dv]``),
-    merged base-2 ``lse [T, H])``.
-    """
-    weights, lse2 = lse_weights(lse2_all)
-    return by_owner(weighted(o, weights[rank]), lse2_all.shape[0]), lse2
-
-
-def scale_own_partial(
-    o: torch.Tensor, lse2_all: torch.Tensor, rank: int
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The DCP correction step: fused Triton kernel on CUDA, PyTorch elsewhere."""
-    if o.is_cuda:
-        from sglang_dcp.layers.attention.triton_ops import scale_own_partial_triton
-
-        return scale_own_partial_triton(o, lse2_all, rank)
-    return scale_own_partial_torch(o, lse2_all, rank)
-
-
-def dcp_merge(
-    group, o: torch.Tensor, lse: torch.Tensor, lse_base: float
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Merge the group's partial attention over disjoint token shards.
-
-    ``o [T, D*Hq, dv]`` and ``lse [T, D*Hq]`` are this rank's results for the gathered
-    heads (rank-major: rank ``r`` owns heads ``[r*Hq, (r+1)*Hq)``). Returns the merged
-    ``o [T, Hq, dv]`` (float32) and ``lse [T, Hq]`` (``lse_base``) of this rank's heads.
-    """
-    rank = group.rank_in_group
-    lse2_all = all_gather_along_dim(group, to_base2(lse, lse_base).unsqueeze(0), dim=0)
-    scaled, lse2 = scale_own_partial(o, lse2_all, rank)
-    merged = reduce_scatter_along_dim(group, scaled, dim=0)[0]
-    own_heads = lse2.shape[1] // group.world_size
-    own_lse2 = lse2[:, rank * own_heads : (rank + 1) * own_heads]
-    return merged, from_base2(own_lse2, lse_base)
-
-
 def merge_states(
     outputs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor], lse_base: float
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Merge local partial results ``(o_i [T, H, dv], lse_i [T, H])``; float32 output."""
     weights, lse2 = lse_weights(torch.stack([to_base2(x, lse_base) for x in lses]))
     merged = sum(weighted(o, w) for w, o in zip(weights, outputs))
+    return merged, from_base2(lse2, lse_base)
+
+
+@dataclasses.dataclass(frozen=True)
+class PartialLayout:
+    """One chunk of the exchange buffer (``uint8 [D, chunk_bytes]``): the partial results
+    for one owner's ``heads`` -- ``o [T, Hq, dv]`` in ``o_dtype``, then base-2
+    ``lse [T, Hq]`` in float32."""
+
+    tokens: int
+    heads: int
+    head_dim: int
+    o_dtype: torch.dtype
+
+    @property
+    def o_bytes(self) -> int:
+        return self.tokens * self.heads * self.head_dim * self.o_dtype.itemsize
+
+    @property
+    def chunk_bytes(self) -> int:
+        return self.o_bytes + self.tokens * self.heads * 4
+
+    def new_buffer(self, num_ranks: int, device) -> torch.Tensor:
+        return torch.empty((num_ranks, self.chunk_bytes), dtype=torch.uint8, device=device)
+
+    def views(self, buf: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(o [D, T, Hq, dv], lse [D, T, Hq])``: typed views into ``buf``."""
+        shape = (buf.shape[0], self.tokens, self.heads)
+        o = buf[:, : self.o_bytes].view(self.o_dtype).view(*shape, self.head_dim)
+        return o, buf[:, self.o_bytes :].view(torch.float32).view(shape)
+
+
+def owner_view(x: torch.Tensor, num_ranks: int) -> torch.Tensor:
+    """``x [T, D*Hq, ...]`` (rank-major heads) viewed as ``[D, T, Hq, ...]``: index ``c``
+    holds the heads of rank ``c`` (no copy)."""
+    tokens, heads = x.shape[:2]
+    return x.view(tokens, num_ranks, heads // num_ranks, *x.shape[2:]).transpose(0, 1)
+
+
+def pack_by_owner_torch(
+    o: torch.Tensor, lse2: torch.Tensor, layout: PartialLayout, num_ranks: int
+) -> torch.Tensor:
+    """PyTorch reference of the pack step: ``o [T, D*Hq, dv]`` and base-2 ``lse2 [T, D*Hq]``
+    into a new exchange buffer, chunk ``c`` holding the heads of rank ``c``."""
+    buf = layout.new_buffer(num_ranks, o.device)
+    o_buf, lse_buf = layout.views(buf)
+    o_buf.copy_(owner_view(o.contiguous(), num_ranks))
+    lse_buf.copy_(owner_view(lse2.contiguous(), num_ranks))
+    return buf
+
+
+def merge_packed_torch(
+    buf: torch.Tensor, layout: PartialLayout, out_dtype: torch.dtype
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch reference of the merge step: the ``D`` partials of ``buf`` (one per rank)
+    merged into ``o [T, Hq, dv]`` (``out_dtype``) and base-2 ``lse [T, Hq]``."""
+    o_all, lse2_all = layout.views(buf)
+    merged, lse2 = merge_states(list(o_all), list(lse2_all), 2.0)
+    return merged.to(out_dtype), lse2
+
+
+def dcp_merge(
+    group, o: torch.Tensor, lse: torch.Tensor, lse_base: float, out_dtype: torch.dtype
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Merge the group's partial attention over disjoint token shards.
+
+    ``o [T, D*Hq, dv]`` and ``lse [T, D*Hq]`` are this rank's results for the gathered
+    heads (rank-major: rank ``r`` owns heads ``[r*Hq, (r+1)*Hq)``). Returns the merged
+    ``o [T, Hq, dv]`` (``out_dtype``) and ``lse [T, Hq]`` (``lse_base``) of this rank's heads.
+    """
+    num_ranks = group.world_size
+    tokens, heads, head_dim = o.shape
+    layout = PartialLayout(tokens, heads // num_ranks, head_dim, o.dtype)
+    if o.is_cuda:
+        from sglang_dcp.layers.attention.triton_ops import (
+            merge_packed_triton as merge_packed,
+            pack_by_owner_triton as pack_by_owner,
+        )
+    else:
+        merge_packed, pack_by_owner = merge_packed_torch, pack_by_owner_torch
+    sent = pack_by_owner(o, to_base2(lse, lse_base), layout, num_ranks)
+    merged, lse2 = merge_packed(all_to_all_chunks(group, sent), layout, out_dtype)
     return merged, from_base2(lse2, lse_base)

@@ -1,10 +1,12 @@
 """Triton kernels of the CUDA DCP path.
 
-* ``scale_own_partial_triton``: the DCP correction step in one pass. For each (token, head)
-  it reads the D base-2 LSEs, forms ``lse = log2 sum_r 2^lse_r`` and
-  ``w = 2^(lse_own - lse)`` (0 for an empty shard or when every shard is empty) and
-  writes ``w * o_own`` in float32, laid out by owner (head ``h = c*Hq + j`` of token ``t``
-  to ``out[c, t, j]``, ready for the reduce-scatter), plus ``lse``.
+* ``pack_by_owner_triton`` and ``merge_packed_triton``: the two local steps of
+  ``merge.dcp_merge`` around its all-to-all. Pack copies head ``h = c*Hq + j`` of token
+  ``t`` (``o`` and base-2 ``lse``) to ``(t, j)`` of chunk ``c`` of the exchange buffer
+  (``merge.PartialLayout``). Merge reads, for each own ``(t, j)``, the D partials
+  ``(o_r, lse_r)`` received from the ranks, forms ``lse = log2 sum_r 2^lse_r`` and
+  ``o = sum_r 2^(lse_r - lse) o_r`` in float32 (weight 0 for an empty shard; ``o = 0``,
+  ``lse = -inf`` when every shard is empty) and writes ``o`` in the output dtype.
 * ``dcp_kv_indices_triton``: for each request ``b``, the physical rows of the tokens
   stored on this rank, ``req_to_token[req_b, rank + j*D] // D`` for ``j < local_len_b``,
   written at ``kv_indices[kv_indptr[b]:]``.
@@ -16,54 +18,89 @@ import triton.language as tl
 
 
 @triton.jit
-def _scale_own_partial_kernel(
+def _pack_by_owner_kernel(
     o_ptr,
-    lse_all_ptr,
-    out_ptr,
-    lse_out_ptr,
+    lse_ptr,
+    buf_o_ptr,
+    buf_lse_ptr,
     num_tokens,
     num_heads,
-    rank,
     head_dim,
+    buf_o_chunk_stride,
+    buf_lse_chunk_stride,
     NUM_RANKS: tl.constexpr,
-    RANKS_P2: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)  # t * H + h
-    num_rows = num_tokens * num_heads
-    ranks = tl.arange(0, RANKS_P2)
-    lse = tl.load(lse_all_ptr + ranks * num_rows + row, mask=ranks < NUM_RANKS, other=-float("inf"))
-    lse_max = tl.max(lse, axis=0)
-    finite_max = tl.where(lse_max == -float("inf"), 0.0, lse_max)
-    total = tl.sum(tl.exp2(lse - finite_max), axis=0)
-    own = tl.load(lse_all_ptr + rank * num_rows + row)
-    weight = tl.where(total > 0.0, tl.exp2(own - finite_max) / total, 0.0)
-    tl.store(lse_out_ptr + row, finite_max + tl.log2(total))
-    # h = owner * Hq + j  ->  out row (owner * T + t) * Hq + j
+    row = tl.program_id(0).to(tl.int64)  # t * H + h, H = D * Hq
     heads_per_rank = num_heads // NUM_RANKS
     token = row // num_heads
     head = row % num_heads
     owner = head // heads_per_rank
-    out_row = (owner * num_tokens + token) * heads_per_rank + head % heads_per_rank
+    own_row = token * heads_per_rank + head % heads_per_rank
+    tl.store(buf_lse_ptr + owner * buf_lse_chunk_stride + own_row, tl.load(lse_ptr + row))
     dims = tl.arange(0, BLOCK_D)
     in_dim = dims < head_dim
-    o = tl.load(o_ptr + row * head_dim + dims, mask=in_dim, other=0.0).to(tl.float32)
-    tl.store(out_ptr + out_row * head_dim + dims, tl.where(weight > 0.0, o * weight, 0.0), mask=in_dim)
+    o = tl.load(o_ptr + row * head_dim + dims, mask=in_dim)
+    tl.store(buf_o_ptr + owner * buf_o_chunk_stride + own_row * head_dim + dims, o, mask=in_dim)
 
 
-def scale_own_partial_triton(o: torch.Tensor, lse2_all: torch.Tensor, rank: int):
-    """``o [T, H, dv]``, base-2 ``lse2_all [D, T, H]`` -> (``w_rank * o`` fp32 by owner
-    ``[D, T, H/D, dv]``, ``lse [T, H]``)."""
-    num_ranks, tokens, heads = lse2_all.shape
-    assert heads % num_ranks == 0 and o.shape[:2] == (tokens, heads), (o.shape, lse2_all.shape)
-    head_dim = o.shape[-1]
-    o = o.contiguous()
-    lse2_all = lse2_all.float().contiguous()
-    out = torch.empty((num_ranks, tokens, heads // num_ranks, head_dim), dtype=torch.float32, device=o.device)
-    lse_out = torch.empty((tokens, heads), dtype=torch.float32, device=o.device)
-    if tokens * heads:
-        _scale_own_partial_kernel[(tokens * heads,)](
-            o, lse2_all, out, lse_out, tokens, heads, rank, head_dim,
+@triton.jit
+def _merge_packed_kernel(
+    buf_o_ptr,
+    buf_lse_ptr,
+    out_ptr,
+    lse_out_ptr,
+    head_dim,
+    buf_o_chunk_stride,
+    buf_lse_chunk_stride,
+    NUM_RANKS: tl.constexpr,
+    RANKS_P2: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # t * Hq + j
+    ranks = tl.arange(0, RANKS_P2)
+    lse = tl.load(buf_lse_ptr + ranks * buf_lse_chunk_stride + row, mask=ranks < NUM_RANKS, other=-float("inf"))
+    lse_max = tl.max(lse, axis=0)
+    finite_max = tl.where(lse_max == -float("inf"), 0.0, lse_max)
+    total = tl.sum(tl.exp2(lse - finite_max), axis=0)
+    tl.store(lse_out_ptr + row, finite_max + tl.log2(total))
+    dims = tl.arange(0, BLOCK_D)
+    in_dim = dims < head_dim
+    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for r in tl.static_range(NUM_RANKS):
+        lse_r = tl.load(buf_lse_ptr + r * buf_lse_chunk_stride + row)
+        weight = tl.where(total > 0.0, tl.exp2(lse_r - finite_max) / total, 0.0)
+        o = tl.load(buf_o_ptr + r * buf_o_chunk_stride + row * head_dim + dims, mask=in_dim, other=0.0)
+        acc += tl.where(weight > 0.0, o.to(tl.float32) * weight, 0.0)
+    tl.store(out_ptr + row * head_dim + dims, acc, mask=in_dim)
+
+
+def pack_by_owner_triton(o: torch.Tensor, lse2: torch.Tensor, layout, num_ranks: int) -> torch.Tensor:
+    """``o [T, D*Hq, dv]``, base-2 ``lse2 [T, D*Hq]`` -> a new exchange buffer (see module doc)."""
+    tokens, heads, head_dim = o.shape
+    assert heads == num_ranks * layout.heads and lse2.shape == (tokens, heads), (o.shape, lse2.shape)
+    buf = layout.new_buffer(num_ranks, o.device)
+    buf_o, buf_lse = layout.views(buf)
+    if tokens:
+        _pack_by_owner_kernel[(tokens * heads,)](
+            o.contiguous(), lse2.float().contiguous(), buf_o, buf_lse, tokens, heads, head_dim,
+            buf_o.stride(0), buf_lse.stride(0),
+            NUM_RANKS=num_ranks,
+            BLOCK_D=triton.next_power_of_2(head_dim),
+        )
+    return buf
+
+
+def merge_packed_triton(buf: torch.Tensor, layout, out_dtype: torch.dtype):
+    """The D received partials in ``buf`` -> (``o [T, Hq, dv]`` in ``out_dtype``, base-2
+    ``lse [T, Hq]``) (see module doc)."""
+    buf_o, buf_lse = layout.views(buf)
+    num_ranks, tokens, heads, head_dim = buf_o.shape
+    out = torch.empty((tokens, heads, head_dim), dtype=out_dtype, device=buf.device)
+    lse_out = torch.empty((tokens, heads), dtype=torch.float32, device=buf.device)
+    if tokens:
+        _merge_packed_kernel[(tokens * heads,)](
+            buf_o, buf_lse, out, lse_out, head_dim, buf_o.stride(0), buf_lse.stride(0),
             NUM_RANKS=num_ranks,
             RANKS_P2=triton.next_power_of_2(num_ranks),
             BLOCK_D=triton.next_power_of_2(head_dim),
