@@ -3,6 +3,11 @@
 #
 #   bash benchmark/dcp/gpu_check.sh [STAGE ...]     (no STAGE: all of them, in this order)
 #
+# A STAGE A+B[+...] of 2-GPU stages (kernels, e2e-tp2, e2e-models, http) runs its parts at once,
+# part i on GPUs 2i,2i+1 (one after another where there are too few GPUs), e.g.
+#
+#   bash benchmark/dcp/gpu_check.sh install kernels e2e-tp2+e2e-models e2e-tp4 http summary
+#
 #   install  the offline SGLang 0.5.14 bundle (.device, built by ../shared/device/make_bundle.sh)
 #            into /tmp/site if missing, then this package, without network
 #   kernels  test/srt/gpu/test_gpu_kernels.py: Triton merge + index kernels, DCP partial
@@ -19,11 +24,9 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 source benchmark/dcp/gpu_common.sh
-stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(install kernels e2e-tp2 e2e-tp4 e2e-models http summary)
 
-for stage in "${stages[@]}"; do
-  case $stage in
+run_one() {  # one stage by name
+  case $1 in
     install) install_plugin ;;
     kernels)
       setup_env
@@ -33,17 +36,57 @@ for stage in "${stages[@]}"; do
     e2e-tp2|e2e-tp4|e2e-models)
       setup_env
       declare -A cases=([e2e-tp2]=tp2-kv1 [e2e-tp4]=tp4-kv2 [e2e-models]=page16)
-      DCP_RESULTS_DIR=$WORK run_stage "$stage" python3 -m pytest -q -s -p no:cacheprovider \
-        test/srt/gpu/test_e2e_gpu.py -k "${cases[$stage]}" --junitxml "$WORK/$stage.xml"
+      DCP_RESULTS_DIR=$WORK run_stage "$1" python3 -m pytest -q -s -p no:cacheprovider \
+        test/srt/gpu/test_e2e_gpu.py -k "${cases[$1]}" --junitxml "$WORK/$1.xml"
       ;;
-    http)
+    http)  # HTTP_PORT: a port of its own beside the other parts of an A+B stage
       setup_env
-      run_stage http python3 benchmark/dcp/http_check.py --tp 2 --dcp 2 --out "$WORK"
+      run_stage http python3 benchmark/dcp/http_check.py --tp 2 --dcp 2 --port "${HTTP_PORT:-30010}" \
+        --out "$WORK"
       ;;
     summary)
       python3 benchmark/dcp/gpu_summary.py "$WORK" "$OUT/gpu_check.json" "$(gpu_card)"
       tar czf "$OUT/gpu_check_logs.tgz" -C "$WORK" $(cd "$WORK" && ls *.log 2>/dev/null)
       ;;
-    *) echo "unknown stage $stage"; exit 2 ;;
+    *) echo "unknown stage $1"; exit 2 ;;
+  esac
+}
+
+run_parts() {  # A+B...: part i on GPUs 2i,2i+1 (nvidia-smi's order), all at once, their output
+  # prefixed by [part]; one after another where the machine has fewer than 2 GPUs a part
+  local parts part i=0 t0=$SECONDS num_gpus
+  IFS=+ read -ra parts <<< "$1"
+  for part in "${parts[@]}"; do
+    case $part in
+      kernels|e2e-tp2|e2e-models|http) ;;
+      *) echo "$1: $part is not a 2-GPU stage (kernels e2e-tp2 e2e-models http)"; exit 2 ;;
+    esac
+  done
+  num_gpus=$(nvidia-smi --list-gpus | wc -l)
+  if [ "$num_gpus" -lt $((2 * ${#parts[@]})) ]; then
+    echo "=== $1: $num_gpus GPUs, fewer than the $((2 * ${#parts[@]})) it needs: one part after another"
+    for part in "${parts[@]}"; do run_one "$part"; done
+    return
+  fi
+  for part in "${parts[@]}"; do
+    (
+      export CUDA_DEVICE_ORDER=PCI_BUS_ID CUDA_VISIBLE_DEVICES=$((2 * i)),$((2 * i + 1))
+      export HTTP_PORT=$((30010 + 10 * i))
+      echo "=== $part on GPUs $CUDA_VISIBLE_DEVICES"
+      run_one "$part"
+    ) 2>&1 | sed -u "s/^/[$part] /" &
+    i=$((i + 1))
+  done
+  wait
+  echo "=== $1: all ${#parts[@]} parts done in $((SECONDS - t0)) s"
+}
+
+stages=("$@")
+[ ${#stages[@]} -eq 0 ] && stages=(install kernels e2e-tp2 e2e-tp4 e2e-models http summary)
+
+for stage in "${stages[@]}"; do
+  case $stage in
+    *+*) run_parts "$stage" ;;
+    *) run_one "$stage" ;;
   esac
 done

@@ -16,8 +16,16 @@ setup_env() {  # SITE (default /tmp/site) on PYTHONPATH, with the bundle's offli
 }
 
 free_gpus() {  # kill what an earlier stage stopped by a timeout left on the GPUs (SGLang
-  # servers run in their own session, so they outlive the stage's process group)
-  for pid in $(nvidia-smi --query-compute-apps=pid --format=csv,noheader); do kill -9 "$pid"; done
+  # servers run in their own session, so they outlive the stage's process group): only on the
+  # GPUs of CUDA_VISIBLE_DEVICES (indices or UUIDs) where set, so that the other parts of an
+  # A+B stage of gpu_check.sh live on, on every GPU where unset
+  local gpus=all
+  [ -n "${CUDA_VISIBLE_DEVICES+set}" ] && gpus=$(nvidia-smi --query-gpu=index,uuid --format=csv,noheader |
+    awk -F', ' -v vis=",$CUDA_VISIBLE_DEVICES," 'index(vis, "," $1 ",") || index(vis, "," $2 ",") {print $2}')
+  for pid in $(nvidia-smi --query-compute-apps=pid,gpu_uuid --format=csv,noheader |
+               awk -F', ' -v gpus="$gpus" 'gpus == "all" || index(gpus, $2) {print $1}' | sort -u); do
+    kill -9 "$pid"
+  done
 }
 
 run_stage() {  # name, command...: log to $WORK/<name>.log, record the exit code and time
