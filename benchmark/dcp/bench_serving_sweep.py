@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from bench_common import int_list, pyplot, utc_now
 
+from sglang_dcp.test.cpu_env import use_cpu_env
 from sglang_dcp.test.models import write_dummy_gqa_model
 from sglang_dcp.test.serving import Server, bench_serving, device_server_args, write_byte_tokenizer
 
@@ -47,7 +48,7 @@ def proxy_model(path, tp, dcp, body):
         path, num_attention_heads=8 * tp, num_key_value_heads=tp // dcp, head_dim=128,
         torch_dtype="bfloat16", max_position_embeddings=CONTEXT_LEN, **body,
     )
-    write_byte_tokenizer(path, vocab_size=4096)
+    write_byte_tokenizer(path, vocab_size=4096, model_vocab_size=body["vocab_size"])
     return path
 
 
@@ -71,6 +72,15 @@ def measure(server, model, input_len, output_len, concurrency, num_prompts, log_
             raise RuntimeError(f"bench_serving failed ({returncode}); see {log_path}")
         summary["max_running_requests"] = max_running_requests(f.read())
     return summary
+
+
+def latency_point(summary):
+    """Batch-1 TPOT and TTFT; both ``None`` (with the reason) where ``bench_serving`` saw no
+    first token (it then counts the prefill into TPOT)."""
+    if not summary["median_ttft_ms"]:
+        return {"median_tpot_ms": None, "median_ttft_ms": None,
+                "invalid": "no first token seen: TPOT would include the prefill"}
+    return {"median_tpot_ms": summary["median_tpot_ms"], "median_ttft_ms": summary["median_ttft_ms"]}
 
 
 def attention_backend(args):
@@ -107,10 +117,7 @@ def run_config(model, args, config, work):
             num_prompts = args.latency_prompts if kind == "latency" else args.prompts_per_concurrency * concurrency
             summary = measure(server, model, input_len, output_len, concurrency, num_prompts, log_path)
             if kind == "latency":
-                result["latency"][str(input_len)] = {
-                    "median_tpot_ms": summary["median_tpot_ms"],
-                    "median_ttft_ms": summary["median_ttft_ms"],
-                }
+                result["latency"][str(input_len)] = latency_point(summary)
             else:
                 result["throughput"].setdefault(f"{input_len}x{output_len}", {})[str(concurrency)] = {
                     "output_throughput": summary["output_throughput"],
@@ -146,8 +153,10 @@ def print_tables(results):
         print(f"capacity ratio: {results['capacity_ratio']:.2f}x")
     print(f"\n{'batch 1':10}" + "".join(f" {'TPOT ' + l:>12} {'TTFT ' + l:>12}" for l in runs))
     for n in next(iter(runs.values()))["latency"]:
-        print(f"{n:10}" + "".join(f" {r['latency'][n]['median_tpot_ms']:>12.2f} "
-                                  f"{r['latency'][n]['median_ttft_ms']:>12.0f}" for r in runs.values()))
+        points = [r["latency"][n] for r in runs.values()]
+        print(f"{n:10}" + "".join(
+            f" {p['median_tpot_ms']:>12.2f} {p['median_ttft_ms']:>12.0f}" if p["median_tpot_ms"] else
+            f" {'invalid':>12} {'-':>12}" for p in points))
     print(f"\n{'shape':12} {'conc':>5}" + "".join(f" {l + ' tok/s':>13} {'running':>7}" for l in runs)
           + (f" {'gain':>7}" if len(runs) == 2 else ""))
     shapes = {shape: points for run in runs.values() for shape, points in run["throughput"].items()}
@@ -186,6 +195,8 @@ def main():
     args.shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",") if s]
     args.concurrency = int_list(args.concurrency)
     args.latency_inputs = int_list(args.latency_inputs)
+    if args.device == "cpu":
+        use_cpu_env()  # inherited by the servers
     configs = [c for c in args.configs.split(",") if c]
     if not configs or set(configs) - set(CONFIG_LABELS):
         parser.error(f"--configs must list some of {sorted(CONFIG_LABELS)}, got {args.configs!r}")

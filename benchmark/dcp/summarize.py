@@ -22,11 +22,15 @@ def load(results_dir, name):
 
 
 def serving_figures(sweep):
-    """Capacity ratio, batch-1 TPOT overhead at 32k, best throughput gain at 32k input."""
+    """Capacity ratio, batch-1 TPOT overhead (at 32k and at every measured input length; ``null``
+    where a run had no valid point), best throughput gain at 32k input."""
     if sweep is None:
         return {"capacity_ratio": None, "tpot_overhead_bs1_32k": None, "throughput_gain_32k_max": None}
     tp, dcp = sweep["tp"], sweep["tp+dcp"]
-    latency = tp["latency"].get("32768"), dcp["latency"].get("32768")
+    overheads = {}
+    for n, point in tp["latency"].items():
+        tpots = point["median_tpot_ms"], dcp["latency"].get(n, {}).get("median_tpot_ms")
+        overheads[n] = tpots[1] / tpots[0] - 1 if all(tpots) else None
     gains = [  # the points both configurations ran
         dcp["throughput"][shape][c]["output_throughput"] / point["output_throughput"] - 1
         for shape, points in tp["throughput"].items() if shape.startswith("32768x")
@@ -34,9 +38,8 @@ def serving_figures(sweep):
     ]
     return {
         "capacity_ratio": sweep["capacity_ratio"],
-        "tpot_overhead_bs1_32k": (
-            latency[1]["median_tpot_ms"] / latency[0]["median_tpot_ms"] - 1 if all(latency) else None
-        ),
+        "tpot_overhead_bs1_32k": overheads.get("32768"),
+        "tpot_overhead_bs1": overheads,
         "throughput_gain_32k_max": max(gains) if gains else None,
         "serving_card": sweep.get("card"),
         "serving_config": {k: sweep[k] for k in ("tp_size", "dcp_size", "model", "kv_rows_per_rank")},

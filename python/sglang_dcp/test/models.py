@@ -49,7 +49,7 @@ _MODEL_TYPES = {
     "Qwen3MoeForCausalLM": "qwen3_moe",
 }
 # A small mixture of experts for "Qwen3MoeForCausalLM" (transformers' default has 128 experts)
-_MOE_DEFAULTS = dict(num_experts=8, num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[])
+_MOE_DEFAULTS = dict(num_experts=8, decoder_sparse_step=1, mlp_only_layers=[])
 
 
 def write_dummy_gqa_model(
@@ -66,13 +66,14 @@ def write_dummy_gqa_model(
     torch_dtype: str = "float32",
     max_position_embeddings: int = 4096,
     initializer_range: float = 0.02,
+    experts_per_token: int = 2,
 ) -> str:
     """Write config.json and generation_config.json for a random-weight GQA model.
 
     The folder holds no weights and no tokenizer: load it in SGLang with
     ``load_format="dummy"`` and ``skip_tokenizer_init=True``. ``architecture``
-    is one of ``_MODEL_TYPES``; Qwen3-MoE gets 8 experts, 2 per token, each of
-    ``intermediate_size``. The config is built by the
+    is one of ``_MODEL_TYPES``; Qwen3-MoE gets 8 experts, ``experts_per_token`` per
+    token, each of ``intermediate_size``. The config is built by the
     matching transformers config class, so it has every field that
     transformers and SGLang read (head_dim given explicitly, rope_parameters,
     no sliding window). No BOS/EOS/pad ids are set, so random weights never
@@ -90,7 +91,7 @@ def write_dummy_gqa_model(
             f"num_key_value_heads ({num_key_value_heads})"
         )
     moe = (
-        dict(_MOE_DEFAULTS, moe_intermediate_size=intermediate_size)
+        dict(_MOE_DEFAULTS, num_experts_per_tok=experts_per_token, moe_intermediate_size=intermediate_size)
         if architecture == "Qwen3MoeForCausalLM"
         else {}
     )

@@ -33,8 +33,13 @@ def random_text(rng: random.Random, num_words: int) -> str:
     return " ".join(rng.choice(WORDS) + rng.choice(["", "s", "ed", "ing", "er"]) for _ in range(num_words))
 
 
-def write_byte_tokenizer(model_dir: str, vocab_size: int) -> None:
-    """Train a byte-level BPE tokenizer of at most ``vocab_size`` tokens into ``model_dir``."""
+def write_byte_tokenizer(model_dir: str, vocab_size: int, model_vocab_size: int = 0) -> None:
+    """Train a byte-level BPE tokenizer of at most ``vocab_size`` tokens into ``model_dir``.
+
+    With ``model_vocab_size``, ids from the trained vocabulary up to it are added as
+    placeholder tokens (``<t123>``), so that every token a model with that vocabulary can
+    sample decodes to text: ``bench_serving`` sees the first token only when it has text.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
@@ -47,6 +52,7 @@ def write_byte_tokenizer(model_dir: str, vocab_size: int) -> None:
     )
     rng = random.Random(0)
     tokenizer.train_from_iterator((random_text(rng, 64) for _ in range(2000)), trainer)
+    tokenizer.add_tokens([f"<t{i}>" for i in range(tokenizer.get_vocab_size(), model_vocab_size)])
     tokenizer.save(os.path.join(model_dir, "tokenizer.json"))
     with open(os.path.join(model_dir, "tokenizer_config.json"), "w") as f:
         json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<eos>"}, f)
