@@ -14,7 +14,7 @@
 #            attention + merge against float64 full attention (D = 2, 4)
 #   e2e-tp2  test/srt/gpu/test_e2e_gpu.py at tp=2 (1 KV head): dcp 1 vs 2, CUDA graphs on/off
 #   e2e-tp4  the same at tp=4 (2 KV heads); needs 4 GPUs
-#   e2e-models  the same at tp=2 for Llama and Qwen3-MoE at page size 16
+#   e2e-models  the same at tp=2 for Llama and Qwen3-MoE (all 8 experts; top 2 reported) at page size 16
 #   http     benchmark/dcp/http_check.py: launch_server --tp 2 --dcp 2, /generate,
 #            /v1/completions, sglang.bench_serving
 #   summary  prints the table of every stage run so far and writes $OUT/gpu_check.json
