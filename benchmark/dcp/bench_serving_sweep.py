@@ -18,7 +18,10 @@ point the server log gives the most requests it held at once (``#running-req``).
     PYTHONPATH=/tmp/site-0.5.16:python python benchmark/dcp/bench_serving_sweep.py \\
         --engine upstream --configs dcp ...
 
-Results go to ``serving_sweep.json`` (``serving_sweep_upstream.json``) and a PNG in ``--out``.
+Results go to ``serving_sweep.json`` (``serving_sweep_upstream.json``) in ``--out``, rewritten
+after every point, and a PNG at the end. ``--resume FILE`` keeps a copy in FILE and, when FILE
+exists, continues the run saved there: a sweep cut short by a time limit goes on where it
+stopped, on a new server, measuring only the missing points.
 """
 
 import argparse
@@ -41,6 +44,8 @@ SMOKE = dict(hidden_size=256, num_hidden_layers=2, intermediate_size=512, vocab_
 CONTEXT_LEN = 65536
 UPSTREAM_ATTENTION_BACKEND = "triton"  # the only MHA/GQA backend with DCP in SGLang 0.5.16
 CONFIG_LABELS = {"tp": "tp", "dcp": "tp+dcp"}
+# what a resumed run must share with the run it continues
+SETTINGS = ("engine", "card", "tp_size", "dcp_size", "kv_rows_per_rank", "model")
 
 
 def proxy_model(path, tp, dcp, body):
@@ -103,28 +108,46 @@ def server_args(model, args, dcp_size):
             "--disable-prefill-cuda-graph", "--mem-fraction-static", str(args.mem_fraction)]
 
 
-def run_config(model, args, config, work):
-    """Everything measured on one server (config ``tp`` or ``dcp``)."""
+def shape_name(shape):
+    return f"{shape[0]}x{shape[1]}"
+
+
+def measured(result, kind, shape, concurrency):
+    """Whether ``result`` (of a resumed run) already holds this point."""
+    if kind == "latency":
+        return str(shape[0]) in result["latency"]
+    return str(concurrency) in result["throughput"].get(shape_name(shape), {})
+
+
+def run_config(model, args, config, work, result, save):
+    """Measure configuration ``tp`` or ``dcp`` on one server into ``result``, calling ``save()``
+    after each point; points ``result`` already holds (a resumed run) are not measured again."""
     dcp_size = args.dcp if config == "dcp" else 1
-    result = {"dcp": dcp_size, "latency": {}, "throughput": {}}
+    result.update(dcp=dcp_size, latency=result.get("latency", {}), throughput=result.get("throughput", {}))
+    points = [("latency", (n, args.latency_output), 1) for n in args.latency_inputs]
+    points += [("throughput", shape, c) for shape in args.shapes for c in args.concurrency]
+    todo = [point for point in points if not measured(result, *point)]
+    if not todo:
+        return
     log_path = os.path.join(work, f"bench_{config}.log")
     with Server(server_args(model, args, dcp_size), args.port,
                 os.path.join(work, f"server_{config}.log")) as server:
-        result["capacity_tokens"] = server.server_info()["max_total_num_tokens"]
-        points = [("latency", (n, args.latency_output), 1) for n in args.latency_inputs]
-        points += [("throughput", shape, c) for shape in args.shapes for c in args.concurrency]
-        for kind, (input_len, output_len), concurrency in tqdm(points, desc=CONFIG_LABELS[config]):
+        capacity = server.server_info()["max_total_num_tokens"]
+        if result.setdefault("capacity_tokens", capacity) != capacity:
+            raise RuntimeError(f"{config}: capacity {capacity} != {result['capacity_tokens']} of the resumed run")
+        for kind, (input_len, output_len), concurrency in tqdm(todo, desc=CONFIG_LABELS[config]):
             num_prompts = args.latency_prompts if kind == "latency" else args.prompts_per_concurrency * concurrency
             summary = measure(server, model, input_len, output_len, concurrency, num_prompts, log_path)
             if kind == "latency":
                 result["latency"][str(input_len)] = latency_point(summary)
             else:
-                result["throughput"].setdefault(f"{input_len}x{output_len}", {})[str(concurrency)] = {
+                result["throughput"].setdefault(shape_name((input_len, output_len)), {})[str(concurrency)] = {
                     "output_throughput": summary["output_throughput"],
                     "median_tpot_ms": summary["median_tpot_ms"],
                     "max_running_requests": summary["max_running_requests"],
                 }
-    return result
+            result["date_utc"] = utc_now()
+            save()
 
 
 def plot(results, path):
@@ -191,6 +214,9 @@ def main():
     parser.add_argument("--card", default="", help="GPU name for the results (e.g. 2x H100)")
     parser.add_argument("--smoke", action="store_true", help="tiny model and context (flow check)")
     parser.add_argument("--out", default="benchmark/dcp/results")
+    parser.add_argument("--resume", metavar="JSON",
+                        help="continue the run saved in JSON (kept up to date after each point): "
+                             "points already there are not measured again")
     args = parser.parse_args()
     args.shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",") if s]
     args.concurrency = int_list(args.concurrency)
@@ -216,12 +242,24 @@ def main():
     }
     name = "serving_sweep" if args.engine == "plugin" else "serving_sweep_upstream"
     os.makedirs(args.out, exist_ok=True)
-    for config in configs:
-        results[CONFIG_LABELS[config]] = {**run_config(model, args, config, work), "date_utc": utc_now()}
+    if args.resume and os.path.exists(args.resume):
+        with open(args.resume) as f:
+            previous = json.load(f)
+        changed = [k for k in SETTINGS if previous.get(k) != results[k]]
+        if changed:
+            parser.error(f"--resume {args.resume}: measured with other {', '.join(changed)}; drop --resume or move it")
+        results = previous
+
+    def save():
         if {"tp", "tp+dcp"} <= results.keys():
             results["capacity_ratio"] = results["tp+dcp"]["capacity_tokens"] / results["tp"]["capacity_tokens"]
-        with open(os.path.join(args.out, f"{name}.json"), "w") as f:  # after each config
-            json.dump(results, f, indent=1)
+        for path in {os.path.join(args.out, f"{name}.json"), args.resume} - {None}:
+            with open(path, "w") as f:
+                json.dump(results, f, indent=1)
+
+    for config in configs:
+        run_config(model, args, config, work, results.setdefault(CONFIG_LABELS[config], {}), save)
+    save()
     plot(results, os.path.join(args.out, f"{name}.png"))
     print(f"(logs in {work})")
     print_tables(results)

@@ -4,7 +4,8 @@
 #   bash benchmark/dcp/gpu_bench.sh [STAGE ...]     (no STAGE: all of them, in this order)
 #
 #   install    the offline SGLang 0.5.14 bundle (.device) and this package, as gpu_check.sh
-#   serving    bench_serving_sweep.py: capacity, batch-1 TPOT/TTFT, throughput sweep,
+#   serving    bench_serving_sweep.py: capacity, batch-1 TPOT/TTFT, throughput sweep (run it again
+#              in the next call if a call's limit cut it short: it resumes from $WORK),
 #              TP vs TP+DCP2 at TP=4 on 4+ GPUs, else TP=2 (TP=... overrides; TP=8 runs the
 #              upstream PR's table: 64 query / 4 KV heads, 32k/4k and 32k/8k, batch 32..96)
 #   attention  bench_attention.py: one layer's decode attention + DCP communication vs its floor
@@ -22,6 +23,7 @@ stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(install serving attention upstream summary)
 num_gpus=$(nvidia-smi --list-gpus | wc -l)
 TP=${TP:-$([ "$num_gpus" -ge 4 ] && echo 4 || echo 2)}
+# --resume: a sweep cut short by a call's time limit goes on in the next call on the warm machine
 SWEEP_ARGS=(--tp "$TP" --dcp 2 --card "$(gpu_card)" --out "$OUT")
 if [ "$TP" -ge 8 ]; then  # the upstream PR's headline tables (8x H20): 32k/4k and 32k/8k
   SWEEP_ARGS+=(--shapes 32768x4096,32768x8192 --concurrency 32,48,64,80,96 --latency-inputs 32768
@@ -33,7 +35,8 @@ for stage in "${stages[@]}"; do
     install) install_plugin ;;
     serving)
       setup_env
-      TMPDIR=$WORK run_stage serving python3 benchmark/dcp/bench_serving_sweep.py "${SWEEP_ARGS[@]}"
+      TMPDIR=$WORK run_stage serving python3 benchmark/dcp/bench_serving_sweep.py "${SWEEP_ARGS[@]}" \
+        --resume "$WORK/serving_sweep_tp$TP.json"
       ;;
     attention)
       setup_env
@@ -44,7 +47,8 @@ for stage in "${stages[@]}"; do
       setup_env /tmp/site-0.5.16
       # this repo's helpers on the path, its plugin not loaded (SGLANG_PLUGINS: a whitelist)
       PYTHONPATH=$PYTHONPATH:$PWD/python SGLANG_PLUGINS=none TMPDIR=$WORK run_stage upstream \
-        python3 benchmark/dcp/bench_serving_sweep.py "${SWEEP_ARGS[@]}" --engine upstream --configs dcp
+        python3 benchmark/dcp/bench_serving_sweep.py "${SWEEP_ARGS[@]}" --engine upstream --configs dcp \
+        --resume "$WORK/serving_sweep_upstream_tp$TP.json"
       ;;
     summary)
       python3 benchmark/dcp/gpu_summary.py "$WORK" "$OUT/gpu_bench.json" "$(gpu_card)"
