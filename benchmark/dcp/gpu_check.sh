@@ -3,10 +3,10 @@
 #
 #   bash benchmark/dcp/gpu_check.sh [STAGE ...]     (no STAGE: all of them, in this order)
 #
-# A STAGE A+B[+...] of 2-GPU stages (kernels, e2e-tp2, e2e-models, http) runs its parts at once,
+# A STAGE A+B[+...] of 2-GPU stages (kernels, e2e-tp2, e2e-llama, e2e-moe, http) runs its parts at once,
 # part i on GPUs 2i,2i+1 (one after another where there are too few GPUs), e.g.
 #
-#   bash benchmark/dcp/gpu_check.sh install kernels e2e-tp2+e2e-models e2e-tp4 http summary
+#   bash benchmark/dcp/gpu_check.sh install kernels+e2e-moe e2e-tp2+e2e-llama e2e-tp4 http summary
 #
 #   install  the offline SGLang 0.5.14 bundle (.device, built by ../shared/device/make_bundle.sh)
 #            into /tmp/site if missing, then this package, without network
@@ -14,7 +14,9 @@
 #            attention + merge against float64 full attention (D = 2, 4)
 #   e2e-tp2  test/srt/gpu/test_e2e_gpu.py at tp=2 (1 KV head): dcp 1 vs 2, CUDA graphs on/off
 #   e2e-tp4  the same at tp=4 (2 KV heads); needs 4 GPUs
-#   e2e-models  the same at tp=2 for Llama and Qwen3-MoE (all 8 experts; top 2 reported) at page size 16
+#   e2e-llama  the same at tp=2 for Llama at page size 16
+#   e2e-moe  the same for Qwen3-MoE at page size 16: all 8 experts routed (judged), top 2 (reported
+#            beside a no-DCP baseline on the triton attention backend)
 #   http     benchmark/dcp/http_check.py: launch_server --tp 2 --dcp 2, /generate,
 #            /v1/completions, sglang.bench_serving
 #   summary  prints the table of every stage run so far and writes $OUT/gpu_check.json
@@ -33,9 +35,9 @@ run_one() {  # one stage by name
       run_stage kernels python3 -m pytest -q -p no:cacheprovider test/srt/gpu/test_gpu_kernels.py \
         --junitxml "$WORK/kernels.xml"
       ;;
-    e2e-tp2|e2e-tp4|e2e-models)
+    e2e-tp2|e2e-tp4|e2e-llama|e2e-moe)
       setup_env
-      declare -A cases=([e2e-tp2]=tp2-kv1 [e2e-tp4]=tp4-kv2 [e2e-models]=page16)
+      declare -A cases=([e2e-tp2]=tp2-kv1 [e2e-tp4]=tp4-kv2 [e2e-llama]=llama [e2e-moe]=qwen3moe)
       DCP_RESULTS_DIR=$WORK run_stage "$1" python3 -m pytest -q -s -p no:cacheprovider \
         test/srt/gpu/test_e2e_gpu.py -k "${cases[$1]}" --junitxml "$WORK/$1.xml"
       ;;
@@ -58,8 +60,8 @@ run_parts() {  # A+B...: part i on GPUs 2i,2i+1 (nvidia-smi's order), all at onc
   IFS=+ read -ra parts <<< "$1"
   for part in "${parts[@]}"; do
     case $part in
-      kernels|e2e-tp2|e2e-models|http) ;;
-      *) echo "$1: $part is not a 2-GPU stage (kernels e2e-tp2 e2e-models http)"; exit 2 ;;
+      kernels|e2e-tp2|e2e-llama|e2e-moe|http) ;;
+      *) echo "$1: $part is not a 2-GPU stage (kernels e2e-tp2 e2e-llama e2e-moe http)"; exit 2 ;;
     esac
   done
   num_gpus=$(nvidia-smi --list-gpus | wc -l)
@@ -82,7 +84,7 @@ run_parts() {  # A+B...: part i on GPUs 2i,2i+1 (nvidia-smi's order), all at onc
 }
 
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(install kernels e2e-tp2 e2e-tp4 e2e-models http summary)
+[ ${#stages[@]} -eq 0 ] && stages=(install kernels e2e-tp2 e2e-tp4 e2e-llama e2e-moe http summary)
 
 for stage in "${stages[@]}"; do
   case $stage in
