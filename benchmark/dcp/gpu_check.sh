@@ -15,8 +15,8 @@
 #   e2e-tp2  test/srt/gpu/test_e2e_gpu.py at tp=2 (1 KV head): dcp 1 vs 2, CUDA graphs on/off
 #   e2e-tp4  the same at tp=4 (2 KV heads); needs 4 GPUs
 #   e2e-llama  the same at tp=2 for Llama at page size 16
-#   e2e-moe  the same for Qwen3-MoE at page size 16: all 8 experts routed (judged), top 2 (reported
-#            beside a no-DCP baseline on the triton attention backend)
+#   e2e-moe  the same for Qwen3-MoE (top 2 of 8 experts) at page size 16, its bars scaled by a
+#            no-DCP baseline on the triton attention backend
 #   http     benchmark/dcp/http_check.py: launch_server --tp 2 --dcp 2, /generate,
 #            /v1/completions, sglang.bench_serving
 #   summary  prints the table of every stage run so far and writes $OUT/gpu_check.json

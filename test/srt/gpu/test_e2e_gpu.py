@@ -6,20 +6,18 @@ weights, which repeat on every TP shard), same requests, same settings but ``dcp
 * ``tp2-kv1`` (2 GPUs) and ``tp4-kv2`` (4 GPUs), Qwen3, page size 1: 64 greedy prompts of
   mixed lengths up to 32k tokens in one batch (chunked prefill), radix-cache prefix hits
   and seeded sampling; DCP with and without decode CUDA graphs.
-* ``tp2-llama-page16`` and ``tp2-qwen3moe8-page16``: Llama and Qwen3-MoE (whose fused
-  RoPE + KV store DCP turns off) at page size 16 (a logical page of 32 under DCP2), 31
-  prompts up to 16k, decode CUDA graphs on. The MoE model routes every token to all 8
-  experts: with a top-k router a bf16 rounding difference anywhere can flip a token's
-  expert choice, a jump no tolerance on rounding covers.
-* ``tp2-qwen3moe2-page16``: the same with top-2 routing, reported, not judged, beside
-  the baseline below.
+* ``tp2-llama-page16`` and ``tp2-qwen3moe-page16``: Llama and Qwen3-MoE (8 experts, top 2;
+  DCP turns its fused RoPE + KV store off) at page size 16 (a logical page of 32 under DCP2),
+  31 prompts up to 16k, decode CUDA graphs on.
 
-Each judged case requires exactly 2x the logical KV capacity, top-5 logprobs within
-``LOGPROB_TOL`` up to each request's first differing token, and every greedy divergence a
-near-tie (the reference rated the DCP token within ``NEAR_TIE`` of its own). bf16 flips
-such ties without DCP too: cases with ``noise_baseline`` also run dcp=1 on SGLang's triton
-attention backend (another attention kernel, another summation order, no DCP) and report
-its agreement with the reference beside DCP's. Results go to
+Each case requires exactly 2x the logical KV capacity, top-5 logprobs within a tolerance up
+to each request's first differing token, and every greedy divergence a near-tie (the
+reference rated the DCP token within a tie tolerance of its own). The tolerances are
+``LOGPROB_TOL`` and ``NEAR_TIE``, or ``BASELINE_FACTOR`` times what a no-DCP baseline moves
+where the case runs one and that is more: dcp=1 on SGLang's triton attention backend (another
+attention kernel, another rounding, no DCP). bf16 rounding in attention moves a random
+top-2 MoE much further than a dense model, because it can flip a token's expert choice
+(``benchmark/dcp/bf16_sensitivity.py`` measures this on CPU). Results go to
 ``$DCP_RESULTS_DIR/e2e_<case>.json``.
 """
 
@@ -46,6 +44,10 @@ MAX_NEW_TOKENS = 16
 # (a split over D shards plus an fp32 LSE merge), so near-tied logits can flip.
 LOGPROB_TOL = 0.1
 NEAR_TIE = 0.1
+# DCP may move a model at most this many times as far as the no-DCP baseline moves it
+# (bf16_sensitivity.py on CPU, 8192 positions: DCP's split arithmetic moved each model 0.9x-1.0x
+# as far as a no-DCP rounding change did; a maximum over few requests is noisy, hence 2)
+BASELINE_FACTOR = 2.0
 
 
 @dataclasses.dataclass
@@ -59,8 +61,7 @@ class Case:
     long: List[int]  # prompt lengths above 8k
     graph_modes: List[bool]  # DCP runs with decode CUDA graphs on / off
     noise_baseline: bool  # also dcp=1 on the triton attention backend: bf16 flips without DCP
-    experts_per_token: int = 8  # Qwen3-MoE only
-    judged: bool = True  # False: DCP's agreement is reported, not required
+    experts_per_token: int = 2  # Qwen3-MoE only
 
     def prompt_lengths(self, seed=0):
         rng = random.Random(seed)
@@ -73,9 +74,7 @@ CASES = {
     "tp2-kv1": Case(2, 1, "Qwen3ForCausalLM", 1, 48, 13, [16384, 24576, 32000], [True, False], True),
     "tp4-kv2": Case(4, 2, "Qwen3ForCausalLM", 1, 48, 13, [16384, 24576, 32000], [True, False], False),
     "tp2-llama-page16": Case(2, 1, "LlamaForCausalLM", 16, 24, 6, [16384], [True], False),
-    "tp2-qwen3moe8-page16": Case(2, 1, "Qwen3MoeForCausalLM", 16, 24, 6, [16384], [True], False),
-    "tp2-qwen3moe2-page16": Case(2, 1, "Qwen3MoeForCausalLM", 16, 24, 6, [16384], [True], True,
-                                 experts_per_token=2, judged=False),
+    "tp2-qwen3moe-page16": Case(2, 1, "Qwen3MoeForCausalLM", 16, 24, 6, [16384], [True], True),
 }
 
 
@@ -122,10 +121,11 @@ def test_dcp2_matches_tp(tmp_path, name):
     results = {"case": name, **dataclasses.asdict(case), "num_requests": len(reference.results),
                "reference_capacity": reference.capacity}
     failures = []
+    logprob_tol, tie_tol = LOGPROB_TOL, NEAR_TIE
     runs = [("dcp2-graphs" if graphs else "dcp2-eager", 2, engine_kwargs(case, graphs))
             for graphs in case.graph_modes]
-    if case.noise_baseline:
-        runs.append(("dcp1-triton", 1, {**engine_kwargs(case, graphs=True), "attention_backend": "triton"}))
+    if case.noise_baseline:  # first: it sets the tolerances
+        runs.insert(0, ("dcp1-triton", 1, {**engine_kwargs(case, graphs=True), "attention_backend": "triton"}))
     for label, dcp_size, kwargs in runs:
         candidate = run_engine(model, scenario, dcp_size=dcp_size, **kwargs)
         agreement = compare(reference, candidate)
@@ -137,14 +137,18 @@ def test_dcp2_matches_tp(tmp_path, name):
             "max_divergence_gap": agreement.max_divergence_gap,
         }
         print(name, label, results[label], flush=True)
-        if dcp_size == 1 or not case.judged:
-            continue  # reported, not judged
+        if dcp_size == 1:
+            logprob_tol = max(LOGPROB_TOL, BASELINE_FACTOR * agreement.max_logprob_diff)
+            tie_tol = max(NEAR_TIE, BASELINE_FACTOR * agreement.max_divergence_gap)
+            continue
         if candidate.capacity != 2 * reference.capacity:
             failures.append(f"{label}: capacity {candidate.capacity} != 2 x {reference.capacity}")
-        if agreement.max_logprob_diff > LOGPROB_TOL:
-            failures.append(f"{label}: logprob diff {agreement.max_logprob_diff:.4f}")
-        if agreement.max_divergence_gap > NEAR_TIE:
-            failures.append(f"{label}: a greedy divergence {agreement.max_divergence_gap:.4f} from a tie")
+        if agreement.max_logprob_diff > logprob_tol:
+            failures.append(f"{label}: logprob diff {agreement.max_logprob_diff:.4f} > {logprob_tol:.4f}")
+        if agreement.max_divergence_gap > tie_tol:
+            failures.append(f"{label}: a greedy divergence {agreement.max_divergence_gap:.4f} from a tie "
+                            f"(> {tie_tol:.4f})")
+    results["tolerances"] = {"logprob": logprob_tol, "near_tie": tie_tol}
     out_dir = os.environ.get("DCP_RESULTS_DIR")
     if out_dir:
         with open(os.path.join(out_dir, f"e2e_{name}.json"), "w") as f:
