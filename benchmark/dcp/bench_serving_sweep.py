@@ -123,7 +123,9 @@ def run_config(model, args, config, work, result, save):
     """Measure configuration ``tp`` or ``dcp`` on one server into ``result``, calling ``save()``
     after each point; points ``result`` already holds (a resumed run) are not measured again."""
     dcp_size = args.dcp if config == "dcp" else 1
-    result.update(dcp=dcp_size, latency=result.get("latency", {}), throughput=result.get("throughput", {}))
+    result["dcp"] = dcp_size
+    result.setdefault("latency", {})
+    result.setdefault("throughput", {})
     points = [("latency", (n, args.latency_output), 1) for n in args.latency_inputs]
     points += [("throughput", shape, c) for shape in args.shapes for c in args.concurrency]
     todo = [point for point in points if not measured(result, *point)]
@@ -192,6 +194,7 @@ def print_tables(results):
             if len(cells) == 2 and all(cells):
                 line += f" {cells[1]['output_throughput'] / cells[0]['output_throughput'] - 1:>+7.1%}"
             print(line)
+
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

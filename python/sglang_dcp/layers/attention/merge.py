@@ -23,8 +23,6 @@ import torch
 
 from sglang_dcp.distributed.parallel_state import all_to_all_chunks
 
-LOG2_E = math.log2(math.e)
-
 
 def to_base2(lse: torch.Tensor, lse_base: float) -> torch.Tensor:
     """``lse`` as a float32 base-2 log-sum-exp (``log2(x) = ln(x) * log2(e)``)."""

@@ -23,7 +23,6 @@ def _pack_by_owner_kernel(
     lse_ptr,
     buf_o_ptr,
     buf_lse_ptr,
-    num_tokens,
     num_heads,
     head_dim,
     buf_o_chunk_stride,
@@ -83,7 +82,7 @@ def pack_by_owner_triton(o: torch.Tensor, lse2: torch.Tensor, layout, num_ranks:
     buf_o, buf_lse = layout.views(buf)
     if tokens:
         _pack_by_owner_kernel[(tokens * heads,)](
-            o.contiguous(), lse2.float().contiguous(), buf_o, buf_lse, tokens, heads, head_dim,
+            o.contiguous(), lse2.float().contiguous(), buf_o, buf_lse, heads, head_dim,
             buf_o.stride(0), buf_lse.stride(0),
             NUM_RANKS=num_ranks,
             BLOCK_D=triton.next_power_of_2(head_dim),
