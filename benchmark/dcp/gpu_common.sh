@@ -28,12 +28,14 @@ free_gpus() {  # kill what an earlier stage stopped by a timeout left on the GPU
   done
 }
 
-run_stage() {  # name, command...: log to $WORK/<name>.log, record the exit code and time
+run_stage() {  # name, command...: log to $WORK/<name>.log, record the exit code and time;
+  # STAGE_TIMEOUT (seconds; unset: none) stops the command there (exit code 124), so that a
+  # stage cut short still leaves the call time to pack its results
   local name=$1; shift
   local t0=$SECONDS
   free_gpus
   echo "=== $name: $*"
-  "$@" > "$WORK/$name.log" 2>&1
+  timeout "${STAGE_TIMEOUT:-0}" "$@" > "$WORK/$name.log" 2>&1
   local rc=$?
   echo "{\"stage\": \"$name\", \"returncode\": $rc, \"seconds\": $((SECONDS - t0))}" > "$WORK/stage_$name.json"
   tail -n 5 "$WORK/$name.log"
