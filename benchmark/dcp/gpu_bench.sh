@@ -14,7 +14,8 @@
 #              SGLANG_VERSION=0.5.16 bash ../shared/device/make_bundle.sh) into /tmp/site-0.5.16
 #   summary    the stage table ($OUT/gpu_bench.json) and the logs ($OUT/gpu_bench_logs.tgz)
 #
-# Results (JSON + PNG) go to $OUT; copy them to benchmark/dcp/results and run summarize.py.
+# SWEEP_EXTRA: more bench_serving_sweep.py arguments for serving and upstream (e.g. a shorter
+# "--concurrency 8,16,32" where device time is short). Results (JSON + PNG) go to $OUT; copy them to benchmark/dcp/results and run summarize.py.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 WORK=${WORK:-/tmp/dcp_gpu_bench}
@@ -29,6 +30,8 @@ if [ "$TP" -ge 8 ]; then  # the upstream PR's headline tables (8x H20): 32k/4k a
   SWEEP_ARGS+=(--shapes 32768x4096,32768x8192 --concurrency 32,48,64,80,96 --latency-inputs 32768
                --latency-output 4096 --kv-rows 1500000)
 fi
+read -ra extra <<< "${SWEEP_EXTRA:-}"
+SWEEP_ARGS+=("${extra[@]}")
 
 for stage in "${stages[@]}"; do
   case $stage in
