@@ -29,6 +29,7 @@ import json
 import os
 import re
 import tempfile
+import time
 
 from tqdm import tqdm
 
@@ -132,22 +133,26 @@ def run_config(model, args, config, work, result, save):
     if not todo:
         return
     log_path = os.path.join(work, f"bench_{config}.log")
+    started = time.monotonic()
     with Server(server_args(model, args, dcp_size), args.port,
                 os.path.join(work, f"server_{config}.log")) as server:
+        result["server_start_seconds"] = round(time.monotonic() - started, 1)
         capacity = server.server_info()["max_total_num_tokens"]
         if result.setdefault("capacity_tokens", capacity) != capacity:
             raise RuntimeError(f"{config}: capacity {capacity} != {result['capacity_tokens']} of the resumed run")
         for kind, (input_len, output_len), concurrency in tqdm(todo, desc=CONFIG_LABELS[config]):
             num_prompts = args.latency_prompts if kind == "latency" else args.prompts_per_concurrency * concurrency
+            started = time.monotonic()
             summary = measure(server, model, input_len, output_len, concurrency, num_prompts, log_path)
             if kind == "latency":
-                result["latency"][str(input_len)] = latency_point(summary)
+                point = result["latency"][str(input_len)] = latency_point(summary)
             else:
-                result["throughput"].setdefault(shape_name((input_len, output_len)), {})[str(concurrency)] = {
+                point = result["throughput"].setdefault(shape_name((input_len, output_len)), {})[str(concurrency)] = {
                     "output_throughput": summary["output_throughput"],
                     "median_tpot_ms": summary["median_tpot_ms"],
                     "max_running_requests": summary["max_running_requests"],
                 }
+            point["seconds"] = round(time.monotonic() - started, 1)  # to plan device time
             result["date_utc"] = utc_now()
             save()
 
