@@ -18,7 +18,7 @@ point the server log gives the most requests it held at once (``#running-req``).
     PYTHONPATH=/tmp/site-0.5.16:python python benchmark/dcp/bench_serving_sweep.py \\
         --engine upstream --configs dcp ...
 
-Results go to ``serving_sweep.json`` (``serving_sweep_upstream.json``) in ``--out``, rewritten
+Results go to ``serving_sweep_tp<TP>.json`` (``serving_sweep_upstream_tp<TP>.json``) in ``--out``, rewritten
 after every point, and a PNG at the end. ``--resume FILE`` keeps a copy in FILE and, when FILE
 exists, continues the run saved there: a sweep cut short by a time limit goes on where it
 stopped, on a new server, measuring only the missing points.
@@ -109,6 +109,13 @@ def server_args(model, args, dcp_size):
             "--disable-prefill-cuda-graph", "--mem-fraction-static", str(args.mem_fraction)]
 
 
+def logical_capacity(engine, dcp_size, max_total_num_tokens):
+    """Logical KV tokens from a server's ``max_total_num_tokens``: this plugin reports the
+    logical capacity, upstream 0.5.16 its physical per-rank pool (its scheduler hands over the
+    model runner's count; only its allocator is widened to ``rows * dcp_size``)."""
+    return max_total_num_tokens * dcp_size if engine == "upstream" else max_total_num_tokens
+
+
 def shape_name(shape):
     return f"{shape[0]}x{shape[1]}"
 
@@ -137,7 +144,7 @@ def run_config(model, args, config, work, result, save):
     with Server(server_args(model, args, dcp_size), args.port,
                 os.path.join(work, f"server_{config}.log")) as server:
         result["server_start_seconds"] = round(time.monotonic() - started, 1)
-        capacity = server.server_info()["max_total_num_tokens"]
+        capacity = logical_capacity(args.engine, dcp_size, server.server_info()["max_total_num_tokens"])
         if result.setdefault("capacity_tokens", capacity) != capacity:
             raise RuntimeError(f"{config}: capacity {capacity} != {result['capacity_tokens']} of the resumed run")
         for kind, (input_len, output_len), concurrency in tqdm(todo, desc=CONFIG_LABELS[config]):
@@ -248,7 +255,7 @@ def main():
         "model": {"kind": "dummy-weight Qwen3 proxy, bf16", "num_attention_heads": 8 * args.tp,
                   "num_key_value_heads": args.tp // args.dcp, "head_dim": 128, **body},
     }
-    name = "serving_sweep" if args.engine == "plugin" else "serving_sweep_upstream"
+    name = ("serving_sweep" if args.engine == "plugin" else "serving_sweep_upstream") + f"_tp{args.tp}"
     os.makedirs(args.out, exist_ok=True)
     if args.resume and os.path.exists(args.resume):
         with open(args.resume) as f:

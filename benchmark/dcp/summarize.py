@@ -2,13 +2,15 @@
 
     python benchmark/dcp/summarize.py [--results benchmark/dcp/results]
 
-Reads ``serving_sweep.json`` and ``serving_sweep_upstream.json`` (bench_serving_sweep.py),
-``bench_attention.json`` (bench_attention.py) and ``accuracy.json`` (bench_accuracy.py) when
-present; a figure whose benchmark has not run is ``null``.
+Reads ``serving_sweep_tp<TP>.json`` and ``serving_sweep_upstream_tp<TP>.json``
+(bench_serving_sweep.py; the headline serving figures come from the largest TP, every TP's are
+under ``serving_by_tp``), ``bench_attention.json`` (bench_attention.py) and ``accuracy.json``
+(bench_accuracy.py) when present; a figure whose benchmark has not run is ``null``.
 """
 
 import argparse
 import datetime
+import glob
 import json
 import os
 
@@ -19,6 +21,18 @@ def load(results_dir, name):
         return None
     with open(path) as f:
         return json.load(f)
+
+
+# what an upstream run must share with ours to stand beside it
+PEER_SETTINGS = ("card", "tp_size", "dcp_size", "kv_rows_per_rank", "model")
+
+
+def load_sweeps(results_dir, engine):
+    """``{tp_size: sweep}`` of ``serving_sweep[_upstream]_tp<TP>.json``."""
+    prefix = "serving_sweep_upstream" if engine == "upstream" else "serving_sweep"
+    sweeps = (load(results_dir, os.path.basename(path))
+              for path in glob.glob(os.path.join(results_dir, f"{prefix}_tp*.json")))
+    return {sweep["tp_size"]: sweep for sweep in sweeps if sweep["engine"] == engine}
 
 
 def serving_figures(sweep):
@@ -46,19 +60,28 @@ def serving_figures(sweep):
     }
 
 
+def output_throughput(run, shape, concurrency):
+    """A throughput point's output tok/s; ``None`` where the run did not measure it."""
+    return run["throughput"].get(shape, {}).get(concurrency, {}).get("output_throughput")
+
+
 def upstream_figures(sweep, upstream):
-    """Ours against upstream 0.5.16's DCP on the same points: batch-1 TPOT, output tok/s."""
-    if sweep is None or upstream is None:
+    """Ours against upstream 0.5.16's DCP on the same points: logical capacity, batch-1 TPOT,
+    output tok/s; ``None`` unless both ran with the same card, sizes and model."""
+    if sweep is None or upstream is None or any(sweep[k] != upstream[k] for k in PEER_SETTINGS):
         return None
     ours, theirs = sweep["tp+dcp"], upstream["tp+dcp"]
     return {
-        "card": upstream.get("card"),
-        "tpot_bs1_ms": {n: {"tp": sweep["tp"]["latency"][n]["median_tpot_ms"],
-                            "dcp": ours["latency"][n]["median_tpot_ms"],
-                            "upstream_dcp": theirs["latency"][n]["median_tpot_ms"]}
-                        for n in theirs["latency"]},
-        "output_throughput": {shape: {c: {"tp": sweep["tp"]["throughput"][shape][c]["output_throughput"],
-                                          "dcp": ours["throughput"][shape][c]["output_throughput"],
+        "card": upstream["card"],
+        "tp_size": upstream["tp_size"],
+        "capacity_tokens": {"tp": sweep["tp"]["capacity_tokens"], "dcp": ours["capacity_tokens"],
+                            "upstream_dcp": theirs["capacity_tokens"]},
+        "tpot_bs1_ms": {n: {"tp": sweep["tp"]["latency"].get(n, {}).get("median_tpot_ms"),
+                            "dcp": ours["latency"].get(n, {}).get("median_tpot_ms"),
+                            "upstream_dcp": point["median_tpot_ms"]}
+                        for n, point in theirs["latency"].items()},
+        "output_throughput": {shape: {c: {"tp": output_throughput(sweep["tp"], shape, c),
+                                          "dcp": output_throughput(ours, shape, c),
                                           "upstream_dcp": point["output_throughput"]}
                                       for c, point in points.items()}
                               for shape, points in theirs["throughput"].items()},
@@ -70,15 +93,17 @@ def main():
     parser.add_argument("--results", default="benchmark/dcp/results")
     args = parser.parse_args()
     accuracy = load(args.results, "accuracy.json")
-    sweep = load(args.results, "serving_sweep.json")
+    sweeps, upstream = load_sweeps(args.results, "plugin"), load_sweeps(args.results, "upstream")
+    headline = sweeps[max(sweeps)] if sweeps else None
     attention = load(args.results, "bench_attention.json")
     summary = {
         "date": datetime.date.today().isoformat(),
-        **serving_figures(sweep),
+        **serving_figures(headline),
+        "serving_by_tp": {tp: serving_figures(sweep) for tp, sweep in sorted(sweeps.items())},
         "attn_floor_ratio_bs64_32k": attention and attention["attn_floor_ratio_bs64_32k"],
         "attention_card": attention and attention["card"],
         "attention_floor_bandwidth_gbps": attention and attention["hbm_bandwidth_gbps"],
-        "upstream_peer": upstream_figures(sweep, load(args.results, "serving_sweep_upstream.json")),
+        "upstream_peer": {tp: upstream_figures(sweeps.get(tp), run) for tp, run in sorted(upstream.items())},
         "gsm8k_identical_fraction": accuracy and accuracy["gsm8k_identical_fraction"],
         "gsm8k": accuracy and {k: accuracy[k] for k in (
             "model", "device", "tp", "dcp", "num_questions", "tp_only", "tp_dcp", "identical_answers")},
