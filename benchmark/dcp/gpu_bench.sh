@@ -15,7 +15,8 @@
 #   summary    the stage table ($OUT/gpu_bench.json) and the logs ($OUT/gpu_bench_logs.tgz)
 #
 # SWEEP_EXTRA: more bench_serving_sweep.py arguments for serving and upstream (e.g. a shorter
-# "--concurrency 8,16,32" where device time is short). Results (JSON + PNG) go to $OUT; copy them to benchmark/dcp/results and run summarize.py.
+# "--concurrency 8,16,32" where device time is short).
+# Results (JSON + PNG) go to $OUT; copy them to benchmark/dcp/results and run summarize.py.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 WORK=${WORK:-/tmp/dcp_gpu_bench}

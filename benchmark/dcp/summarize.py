@@ -35,6 +35,16 @@ def load_sweeps(results_dir, engine):
     return {sweep["tp_size"]: sweep for sweep in sweeps if sweep["engine"] == engine}
 
 
+def batch1_tpot(run, input_len):
+    """A batch-1 point's median TPOT (ms); ``None`` where the run has no valid point."""
+    return run["latency"].get(input_len, {}).get("median_tpot_ms")
+
+
+def output_throughput(run, shape, concurrency):
+    """A throughput point's output tok/s; ``None`` where the run did not measure it."""
+    return run["throughput"].get(shape, {}).get(concurrency, {}).get("output_throughput")
+
+
 def serving_figures(sweep):
     """Capacity ratio, batch-1 TPOT overhead (at 32k and at every measured input length; ``null``
     where a run had no valid point), best throughput gain at 32k input."""
@@ -42,13 +52,13 @@ def serving_figures(sweep):
         return {"capacity_ratio": None, "tpot_overhead_bs1_32k": None, "throughput_gain_32k_max": None}
     tp, dcp = sweep["tp"], sweep["tp+dcp"]
     overheads = {}
-    for n, point in tp["latency"].items():
-        tpots = point["median_tpot_ms"], dcp["latency"].get(n, {}).get("median_tpot_ms")
+    for n in tp["latency"]:
+        tpots = batch1_tpot(tp, n), batch1_tpot(dcp, n)
         overheads[n] = tpots[1] / tpots[0] - 1 if all(tpots) else None
     gains = [  # the points both configurations ran
-        dcp["throughput"][shape][c]["output_throughput"] / point["output_throughput"] - 1
+        output_throughput(dcp, shape, c) / point["output_throughput"] - 1
         for shape, points in tp["throughput"].items() if shape.startswith("32768x")
-        for c, point in points.items() if c in dcp["throughput"].get(shape, {})
+        for c, point in points.items() if output_throughput(dcp, shape, c)
     ]
     return {
         "capacity_ratio": sweep["capacity_ratio"],
@@ -58,11 +68,6 @@ def serving_figures(sweep):
         "serving_card": sweep.get("card"),
         "serving_config": {k: sweep[k] for k in ("tp_size", "dcp_size", "model", "kv_rows_per_rank")},
     }
-
-
-def output_throughput(run, shape, concurrency):
-    """A throughput point's output tok/s; ``None`` where the run did not measure it."""
-    return run["throughput"].get(shape, {}).get(concurrency, {}).get("output_throughput")
 
 
 def upstream_figures(sweep, upstream):
@@ -76,10 +81,9 @@ def upstream_figures(sweep, upstream):
         "tp_size": upstream["tp_size"],
         "capacity_tokens": {"tp": sweep["tp"]["capacity_tokens"], "dcp": ours["capacity_tokens"],
                             "upstream_dcp": theirs["capacity_tokens"]},
-        "tpot_bs1_ms": {n: {"tp": sweep["tp"]["latency"].get(n, {}).get("median_tpot_ms"),
-                            "dcp": ours["latency"].get(n, {}).get("median_tpot_ms"),
-                            "upstream_dcp": point["median_tpot_ms"]}
-                        for n, point in theirs["latency"].items()},
+        "tpot_bs1_ms": {n: {"tp": batch1_tpot(sweep["tp"], n), "dcp": batch1_tpot(ours, n),
+                            "upstream_dcp": batch1_tpot(theirs, n)}
+                        for n in theirs["latency"]},
         "output_throughput": {shape: {c: {"tp": output_throughput(sweep["tp"], shape, c),
                                           "dcp": output_throughput(ours, shape, c),
                                           "upstream_dcp": point["output_throughput"]}
