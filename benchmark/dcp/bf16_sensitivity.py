@@ -3,13 +3,14 @@
     python benchmark/dcp/bf16_sensitivity.py [--prompts 8] [--prompt-len 1024] [--out DIR]
 
 The GPU e2e test (``test/srt/gpu/test_e2e_gpu.py``) compares random bf16 models with and
-without DCP. This script asks, on CPU and without SGLang, what such a comparison can expect:
+without DCP. This script asks, on CPU and without an SGLang engine, what such a comparison can expect:
 the same random models (transformers, bf16 weights and activations) run one prefill of random
 prompts with three attention variants that differ only in rounding:
 
 * ``reference``: fp32 scores, fp32 softmax and fp32 ``P @ V``, cast to bf16 once;
 * ``dcp2``: the DCP arithmetic: keys split by owner (position ``% 2``), each shard's partial
-  output cast to bf16 (as FlashInfer returns it) with its fp32 LSE, merged in fp32 by the LSE;
+  output cast to bf16 (as FlashInfer returns it) with its fp32 LSE, merged in fp32 by the
+  plugin's ``merge_states``;
 * ``bf16-probs``: no split, but probabilities cast to bf16 before ``P @ V`` (transformers'
   eager attention): another kernel's rounding, no DCP.
 
@@ -33,6 +34,7 @@ from transformers import AttentionInterface, AutoModelForCausalLM
 
 from bench_common import utc_now
 
+from sglang_dcp.layers.attention.merge import merge_states
 from sglang_dcp.test.models import write_random_gqa_model
 
 # The e2e test's model shape (test_e2e_gpu.py), 1 KV head
@@ -70,13 +72,11 @@ def dcp_attention(module, query, key, value, attention_mask, scaling, **kwargs):
     outputs, lses = [], []
     for owner in range(NUM_SHARDS):  # keys at positions owner, owner + D, ...
         shard = scores[..., owner::NUM_SHARDS]
-        lse = torch.logsumexp(shard, dim=-1, keepdim=True)
-        probs = torch.nan_to_num(torch.exp(shard - lse))  # an empty shard: lse -inf, weight 0
+        lse = torch.logsumexp(shard, dim=-1)
+        probs = torch.nan_to_num(torch.exp(shard - lse.unsqueeze(-1)))  # an empty shard: lse -inf
         outputs.append(torch.matmul(probs, value.float()[:, :, owner::NUM_SHARDS]).to(query.dtype))
         lses.append(lse)
-    lse = torch.stack(lses)
-    weights = torch.nan_to_num(torch.exp(lse - torch.logsumexp(lse, dim=0)))
-    merged = sum(w * o.float() for w, o in zip(weights, outputs))
+    merged, _ = merge_states(outputs, lses, math.e)  # the plugin's merge
     return merged.to(query.dtype).transpose(1, 2).contiguous(), None
 
 

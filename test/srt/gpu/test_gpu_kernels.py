@@ -4,8 +4,9 @@ The D ranks of a DCP group are simulated in one process: each rank's KV pool hol
 tokens it owns (slot ``loc`` -> rank ``loc % D``, row ``loc // D``), FlashInfer computes
 its partial result over them with the gathered heads, ``pack_by_owner_triton`` packs it
 by owner, the exchange of ``all_to_all_chunks`` is done by indexing, and each owner's
-``merge_packed_triton`` must give full attention for its heads. Outputs are poisoned with NaN through the caching allocator beforehand,
-so an element a kernel fails to write shows up as NaN.
+``merge_packed_triton`` must give full attention for its heads. Outputs are poisoned with
+NaN through the caching allocator beforehand, so an element a kernel fails to write shows
+up as NaN.
 
 Without a GPU, the two Triton-only tests also run on CPU under Triton's interpreter
 (``TRITON_INTERPRET=1``, as ``test_triton_interpreter.py`` runs them; no NaN poisoning there).
