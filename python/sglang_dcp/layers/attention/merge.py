@@ -121,6 +121,19 @@ def merge_packed_torch(
     return merged.to(out_dtype), lse2
 
 
+def packing_kernels(device: torch.device):
+    """``(pack_by_owner, merge_packed)`` for ``device``: the fused Triton kernels on CUDA,
+    the PyTorch references elsewhere."""
+    if device.type == "cuda":
+        from sglang_dcp.layers.attention.triton_ops import (
+            merge_packed_triton,
+            pack_by_owner_triton,
+        )
+
+        return pack_by_owner_triton, merge_packed_triton
+    return pack_by_owner_torch, merge_packed_torch
+
+
 def dcp_merge(
     group, o: torch.Tensor, lse: torch.Tensor, lse_base: float, out_dtype: torch.dtype
 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -133,13 +146,7 @@ def dcp_merge(
     num_ranks = group.world_size
     tokens, heads, head_dim = o.shape
     layout = PartialLayout(tokens, heads // num_ranks, head_dim, o.dtype)
-    if o.is_cuda:
-        from sglang_dcp.layers.attention.triton_ops import (
-            merge_packed_triton as merge_packed,
-            pack_by_owner_triton as pack_by_owner,
-        )
-    else:
-        merge_packed, pack_by_owner = merge_packed_torch, pack_by_owner_torch
+    pack_by_owner, merge_packed = packing_kernels(o.device)
     sent = pack_by_owner(o, to_base2(lse, lse_base), layout, num_ranks)
     merged, lse2 = merge_packed(all_to_all_chunks(group, sent), layout, out_dtype)
     return merged, from_base2(lse2, lse_base)
