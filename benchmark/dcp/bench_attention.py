@@ -305,6 +305,20 @@ def fits(args, batch: int, context: int, dtype) -> bool:
     return batch * context * kv_bytes_per_token(dtype) <= args.max_kv_gib * 2**30
 
 
+def grid(args, dtype):
+    """``(points, skipped)``: the ``(B, C)`` pairs of ``--batches x --contexts`` that fit
+    ``--max-kv-gib``, and those that do not."""
+    pairs = [(b, c) for b in args.batches for c in args.contexts]
+    points = [(b, c) for b, c in pairs if fits(args, b, c, dtype)]
+    return points, [pair for pair in pairs if pair not in points]
+
+
+def kv_cache(rank: Rank, points):
+    """Random ``(k, v)`` rows, enough for the largest point's ``B * C`` tokens."""
+    max_rows = max(b * c for b, c in points)
+    return tuple(random_tensor(rank, max_rows, KV_HEADS, HEAD_DIM) for _ in range(2))
+
+
 @contextlib.contextmanager
 def capture_mode(device: torch.device):
     """CUDA: SGLang's graph-capture mode with the DCP group's (pynccl on, side stream)."""
@@ -315,18 +329,18 @@ def capture_mode(device: torch.device):
         yield
 
 
-def init_rank(rank_id: int, args, port: int) -> Rank:
+def init_rank(rank_id: int, world_size: int, args, port: int) -> Rank:
     """torch.distributed + SGLang's world and TP groups (TP = DCP = world) + the DCP group."""
     cuda = args.device == "cuda"
     if cuda:
         torch.cuda.set_device(rank_id)
     set_custom_all_reduce(False)
     init_distributed_environment(
-        world_size=args.dcp, rank=rank_id, local_rank=rank_id,
+        world_size=world_size, rank=rank_id, local_rank=rank_id,
         backend="nccl" if cuda else "gloo", distributed_init_method=f"tcp://127.0.0.1:{port}",
     )
-    initialize_model_parallel(tensor_model_parallel_size=args.dcp)
-    initialize_dcp_group(args.dcp)
+    initialize_model_parallel(tensor_model_parallel_size=world_size)
+    initialize_dcp_group(world_size)
     torch.manual_seed(rank_id)
     if cuda:
         from sglang.srt.environ import envs
@@ -345,21 +359,22 @@ def init_rank(rank_id: int, args, port: int) -> Rank:
 
 def run_rank(rank_id: int, args, port: int) -> None:
     """One spawned process per DCP rank; rank 0 reports."""
-    rank = init_rank(rank_id, args, port)
-    points = [(b, c) for b in args.batches for c in args.contexts if fits(args, b, c, rank.dtype)]
-    skipped = [(b, c) for b in args.batches for c in args.contexts if (b, c) not in points]
+    rank = init_rank(rank_id, args.dcp, args, port)
+    points, skipped = grid(args, rank.dtype)
     with capture_mode(rank.device):
         bandwidth = measure_bandwidth(rank)
         latency = measure_collective(rank)
         check = check_correctness(rank)
-        max_rows = max(b * c for b, c in points)
-        kv = (random_tensor(rank, max_rows, KV_HEADS, HEAD_DIM),
-              random_tensor(rank, max_rows, KV_HEADS, HEAD_DIM))
+        kv = kv_cache(rank, points)
         results = []
         for batch, context in tqdm(points, desc=f"DCP{args.dcp}", disable=rank_id != 0):
             results.append(measure_point(rank, kv, batch, context, bandwidth, latency))
     if rank_id == 0:
         report(args, rank.dtype, bandwidth, latency, check, results, skipped)
+    close_rank()
+
+
+def close_rank() -> None:
     destroy_dcp_group()
     destroy_model_parallel()
     destroy_distributed_environment()
@@ -462,9 +477,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dcp", type=int, default=2, help="DCP size = processes = GPUs")
+def grid_parser(doc: str, dcp_help: str) -> argparse.ArgumentParser:
+    """The options of a timing grid, shared with ``bench_attention_stages.py``."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--dcp", type=int, default=2, help=dcp_help)
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (flow check, e.g. on CPU)")
     parser.add_argument("--batches", help=f"comma list (default {BATCHES}; smoke {SMOKE_BATCHES})")
@@ -473,17 +489,27 @@ def main():
     parser.add_argument("--repeats", type=int, help="timed replays per point (default 5; smoke 2)")
     parser.add_argument("--max-kv-gib", type=float, default=40.0, help="skip points whose KV is larger")
     parser.add_argument("--out", default="benchmark/dcp/results")
+    return parser
+
+
+def parse_grid_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Parse, fill the smoke/full defaults and check that a point fits; on CPU, set SGLang's
+    CPU environment (inherited by spawned processes)."""
     args = parser.parse_args()
     args.batches = int_list(args.batches or (SMOKE_BATCHES if args.smoke else BATCHES))
     args.contexts = int_list(args.contexts or (SMOKE_CONTEXTS if args.smoke else CONTEXTS))
     args.steps_per_graph = args.steps_per_graph or (2 if args.smoke else 10)
     args.repeats = args.repeats or (2 if args.smoke else 5)
+    if args.device == "cpu":
+        use_cpu_env()
+    assert grid(args, DTYPES[args.device])[0], "no point fits --max-kv-gib"
+    return args
+
+
+def main():
+    args = parse_grid_args(grid_parser(__doc__, "DCP size = processes = GPUs"))
     if args.device == "cuda":
         assert torch.cuda.device_count() >= args.dcp, f"--dcp {args.dcp} needs {args.dcp} GPUs"
-    else:
-        use_cpu_env()  # inherited by the spawned ranks
-    assert any(fits(args, b, c, DTYPES[args.device]) for b in args.batches for c in args.contexts), \
-        "no point fits --max-kv-gib"
     mp.spawn(run_rank, args=(args, free_port()), nprocs=args.dcp, join=True)
 
 

@@ -9,6 +9,10 @@
 #              TP vs TP+DCP2 at TP=4 on 4+ GPUs, else TP=2 (TP=... overrides; TP=8 runs the
 #              upstream PR's table: 64 query / 4 KV heads, 32k/4k and 32k/8k, batch 32..96)
 #   attention  bench_attention.py: one layer's decode attention + DCP communication vs its floor
+#              (2+ GPUs)
+#   stages     bench_attention_stages.py: that layer's local stages on one GPU, and the
+#              communication time left over against the attention stage's result of this call
+#              or else the one in benchmark/dcp/results
 #   upstream   the serving benchmarks (batch 1 and the sweep, DCP only) on upstream SGLang 0.5.16's
 #              own DCP (Triton backend): installs .device-0.5.16 (built by
 #              SGLANG_VERSION=0.5.16 bash ../shared/device/make_bundle.sh) into /tmp/site-0.5.16
@@ -22,11 +26,12 @@ cd "$(dirname "$0")/../.."
 WORK=${WORK:-/tmp/dcp_gpu_bench}
 source benchmark/dcp/gpu_common.sh
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(install serving attention upstream summary)
+[ ${#stages[@]} -eq 0 ] && stages=(install serving attention stages upstream summary)
 num_gpus=$(nvidia-smi --list-gpus | wc -l)
 TP=${TP:-$([ "$num_gpus" -ge 4 ] && echo 4 || echo 2)}
 # --resume: a sweep cut short by a call's time limit goes on in the next call on the warm machine
-SWEEP_ARGS=(--tp "$TP" --dcp 2 --card "$(gpu_card)" --out "$OUT")
+card=$(gpu_card)
+SWEEP_ARGS=(--tp "$TP" --dcp 2 --card "$card" --out "$OUT")
 if [ "$TP" -ge 8 ]; then  # the upstream PR's headline tables (8x H20): 32k/4k and 32k/8k
   SWEEP_ARGS+=(--shapes 32768x4096,32768x8192 --concurrency 32,48,64,80,96 --latency-inputs 32768
                --latency-output 4096 --kv-rows 1500000)
@@ -46,6 +51,14 @@ for stage in "${stages[@]}"; do
       setup_env
       run_stage attention python3 benchmark/dcp/bench_attention.py --dcp 2 --out "$OUT"
       ;;
+    stages)
+      setup_env
+      full=$OUT/bench_attention.json  # else the published one, if measured on this card model
+      [ -f "$full" ] || full=benchmark/dcp/results/bench_attention.json
+      grep -q "\"card\": \"[0-9]*x ${card#*x }\"" "$full" || full=
+      run_stage stages python3 benchmark/dcp/bench_attention_stages.py --dcp 2 --batches 1,32,64,256 \
+        --contexts 4096,8192,32768,131072 --steps-per-graph 50 ${full:+--full "$full"} --out "$OUT"
+      ;;
     upstream)
       [ -f /tmp/site-0.5.16/sgl_offline_env.py ] || bash .device-0.5.16/install.sh
       setup_env /tmp/site-0.5.16
@@ -55,7 +68,7 @@ for stage in "${stages[@]}"; do
         --resume "$WORK/serving_sweep_upstream_tp$TP.json"
       ;;
     summary)
-      python3 benchmark/dcp/gpu_summary.py "$WORK" "$OUT/gpu_bench.json" "$(gpu_card)"
+      python3 benchmark/dcp/gpu_summary.py "$WORK" "$OUT/gpu_bench.json" "$card"
       (cd "$WORK" && tar czf "$OUT/gpu_bench_logs.tgz" $(ls *.log dcp_sweep_*/*.log 2>/dev/null))
       ;;
     *) echo "unknown stage $stage"; exit 2 ;;
