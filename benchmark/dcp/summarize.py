@@ -4,7 +4,8 @@
 
 Reads ``serving_sweep_tp<TP>.json`` and ``serving_sweep_upstream_tp<TP>.json``
 (bench_serving_sweep.py; the headline serving figures come from the largest TP, every TP's are
-under ``serving_by_tp``), ``bench_attention.json`` (bench_attention.py) and ``accuracy.json``
+under ``serving_by_tp``), ``bench_attention.json`` (bench_attention.py),
+``bench_attention_stages.json`` (bench_attention_stages.py) and ``accuracy.json``
 (bench_accuracy.py) when present; a figure whose benchmark has not run is ``null``.
 """
 
@@ -92,6 +93,25 @@ def upstream_figures(sweep, upstream):
     }
 
 
+# (B, C) of the layer's stage breakdown in the summary: batch-1 TPOT at 8k and 32k input, the
+# attention goal's headline point and its worst one
+STAGE_POINTS = ((1, 8192), (1, 32768), (64, 4096), (64, 32768))
+
+
+def attention_stages(stages):
+    """``{"BxC": {stage: us}}`` at ``STAGE_POINTS``, with the cards the times come from."""
+    if stages is None:
+        return None
+    points = {(p["batch"], p["context"]): p for p in stages["points"]}
+    return {
+        "card": stages["card"],
+        "date_utc": stages["date_utc"],
+        "whole_layer_card": stages["full"] and stages["full"]["card"],
+        "us": {f"{b}x{c}": {k[:-3]: round(v, 1) for k, v in points[b, c].items() if k.endswith("_us")}
+               for b, c in STAGE_POINTS if (b, c) in points},
+    }
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", default="benchmark/dcp/results")
@@ -107,6 +127,7 @@ def main():
         "attn_floor_ratio_bs64_32k": attention and attention["attn_floor_ratio_bs64_32k"],
         "attention_card": attention and attention["card"],
         "attention_floor_bandwidth_gbps": attention and attention["hbm_bandwidth_gbps"],
+        "attention_stages": attention_stages(load(args.results, "bench_attention_stages.json")),
         "upstream_peer": {tp: upstream_figures(sweeps.get(tp), run) for tp, run in sorted(upstream.items())},
         "gsm8k_identical_fraction": accuracy and accuracy["gsm8k_identical_fraction"],
         "gsm8k": accuracy and {k: accuracy[k] for k in (
