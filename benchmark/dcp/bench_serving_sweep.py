@@ -37,7 +37,13 @@ from bench_common import int_list, pyplot, utc_now
 
 from sglang_dcp.test.cpu_env import use_cpu_env
 from sglang_dcp.test.models import write_dummy_gqa_model
-from sglang_dcp.test.serving import Server, bench_serving, device_server_args, write_byte_tokenizer
+from sglang_dcp.test.serving import (
+    Server,
+    bench_serving,
+    device_server_args,
+    http_json,
+    write_byte_tokenizer,
+)
 
 PROXY = dict(hidden_size=2048, num_hidden_layers=24, intermediate_size=6144, vocab_size=32000)
 # --smoke: the same heads on a tiny body, to check the whole flow quickly (e.g. on CPU)
@@ -64,13 +70,22 @@ def max_running_requests(log_text):
 
 
 def measure(server, model, input_len, output_len, concurrency, num_prompts, log_path):
-    """One bench_serving run and the most requests the server held meanwhile."""
+    """One bench_serving run and the most requests the server held meanwhile.
+
+    The prompts go to the server as token ids (``--tokenize-prompt``): as text, random ids
+    decode and re-tokenize to other lengths (1.33x longer with the proxy's tokenizer). The
+    radix cache is flushed first: bench_serving draws every run's prompts from the same seed,
+    so a point's first prompt would otherwise start with an earlier point's.
+    """
+    status, reply = http_json(server.url + "/flush_cache", {})
+    if status != 200:
+        raise RuntimeError(f"/flush_cache answered {status}: {reply}")
     with open(server.log_path) as f:
         f.seek(0, os.SEEK_END)
         returncode, summary = bench_serving(
             server, model,
             ["--dataset-name", "random-ids", "--random-input-len", str(input_len),
-             "--random-output-len", str(output_len), "--random-range-ratio", "1",
+             "--random-output-len", str(output_len), "--random-range-ratio", "1", "--tokenize-prompt",
              "--num-prompts", str(num_prompts), "--max-concurrency", str(concurrency), "--disable-tqdm"],
             log_path,
         )
@@ -120,6 +135,9 @@ def shape_name(shape):
     return f"{shape[0]}x{shape[1]}"
 
 
+WARM_UP_OUTPUT = 64  # tokens
+
+
 def measured(result, kind, shape, concurrency):
     """Whether ``result`` (of a resumed run) already holds this point."""
     if kind == "latency":
@@ -147,6 +165,9 @@ def run_config(model, args, config, work, result, save):
         capacity = logical_capacity(args.engine, dcp_size, server.server_info()["max_total_num_tokens"])
         if result.setdefault("capacity_tokens", capacity) != capacity:
             raise RuntimeError(f"{config}: capacity {capacity} != {result['capacity_tokens']} of the resumed run")
+        # one unmeasured request first: the first prefill with a chunked prefix and the first
+        # decode steps after start-up compile and warm what the measured points then reuse
+        measure(server, model, max(args.latency_inputs), WARM_UP_OUTPUT, 1, 1, log_path)
         for kind, (input_len, output_len), concurrency in tqdm(todo, desc=CONFIG_LABELS[config]):
             num_prompts = args.latency_prompts if kind == "latency" else args.prompts_per_concurrency * concurrency
             started = time.monotonic()
