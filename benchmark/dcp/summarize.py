@@ -3,8 +3,8 @@
     python benchmark/dcp/summarize.py [--results benchmark/dcp/results]
 
 Reads ``serving_sweep_tp<TP>.json`` and ``serving_sweep_upstream_tp<TP>.json``
-(bench_serving_sweep.py; the headline serving figures come from the largest TP, every TP's are
-under ``serving_by_tp``), ``bench_attention.json`` (bench_attention.py),
+(bench_serving_sweep.py; each headline serving figure comes from the largest TP that measured
+it, every TP's are under ``serving_by_tp``), ``bench_attention.json`` (bench_attention.py),
 ``bench_attention_stages.json`` (bench_attention_stages.py) and ``accuracy.json``
 (bench_accuracy.py) when present; a figure whose benchmark has not run is ``null``.
 """
@@ -67,8 +67,24 @@ def serving_figures(sweep):
         "tpot_overhead_bs1": overheads,
         "throughput_gain_32k_max": max(gains) if gains else None,
         "serving_card": sweep.get("card"),
+        "serving_date_utc": max(run.get("date_utc", "") for run in (tp, dcp)),
         "serving_config": {k: sweep[k] for k in ("tp_size", "dcp_size", "model", "kv_rows_per_rank")},
     }
+
+
+HEADLINE_KEYS = ("capacity_ratio", "tpot_overhead_bs1_32k", "throughput_gain_32k_max")
+
+
+def headline(by_tp):
+    """Each headline serving figure from the largest TP size that measured it, with that size
+    and its card under ``headline_sources`` (``null`` where no run measured it)."""
+    figures, sources = {}, {}
+    for key in HEADLINE_KEYS:
+        sizes = [tp for tp in sorted(by_tp, reverse=True) if by_tp[tp][key] is not None]
+        figures[key] = by_tp[sizes[0]][key] if sizes else None
+        sources[key] = sizes and {"tp_size": sizes[0], "card": by_tp[sizes[0]]["serving_card"],
+                                  "date_utc": by_tp[sizes[0]]["serving_date_utc"]} or None
+    return {**figures, "headline_sources": sources}
 
 
 def upstream_figures(sweep, upstream):
@@ -118,12 +134,12 @@ def main():
     args = parser.parse_args()
     accuracy = load(args.results, "accuracy.json")
     sweeps, upstream = load_sweeps(args.results, "plugin"), load_sweeps(args.results, "upstream")
-    headline = sweeps[max(sweeps)] if sweeps else None
+    by_tp = {tp: serving_figures(sweep) for tp, sweep in sorted(sweeps.items())}
     attention = load(args.results, "bench_attention.json")
     summary = {
         "date": datetime.date.today().isoformat(),
-        **serving_figures(headline),
-        "serving_by_tp": {tp: serving_figures(sweep) for tp, sweep in sorted(sweeps.items())},
+        **headline(by_tp),
+        "serving_by_tp": by_tp,
         "attn_floor_ratio_bs64_32k": attention and attention["attn_floor_ratio_bs64_32k"],
         "attention_card": attention and attention["card"],
         "attention_floor_bandwidth_gbps": attention and attention["hbm_bandwidth_gbps"],
