@@ -64,7 +64,8 @@ STAGES = ("reorder", "attention", "pack", "merge")
 
 
 def stage_steps(rank: Rank, kv, batch: int, context: int) -> dict:
-    """The steps to time at ``(B, C)``: each stage alone on fixed inputs, and ``local``."""
+    """The steps to time at ``(B, C)``: each stage alone on fixed inputs, and ``local``;
+    ``None`` for a stage that launches no kernel (the reorder where it is a view, at B = 1)."""
     dcp_size = rank.args.dcp
     heads = dcp_size * HEADS_PER_RANK
     wrapper = decode_wrapper(rank, heads, batch, local_len(context, dcp_size, 0))
@@ -77,27 +78,23 @@ def stage_steps(rank: Rank, kv, batch: int, context: int) -> dict:
     def attention(q_all):
         return wrapper.forward_return_lse(q_all, kv, sm_scale=SM_SCALE)
 
-    def pack(o, lse):
-        layout = PartialLayout(batch, HEADS_PER_RANK, HEAD_DIM, o.dtype)
-        return pack_by_owner(o, to_base2(lse, rank.lse_base), layout, dcp_size)
-
-    def merge(buf, o_dtype):
-        layout = PartialLayout(batch, HEADS_PER_RANK, HEAD_DIM, o_dtype)
-        return merge_packed(buf, layout, rank.dtype)[0]
-
-    def local():
-        o, lse = attention(reorder())
-        return merge(pack(o, lse), o.dtype)
-
     q_all = reorder()
     o, lse = attention(q_all)
+    layout = PartialLayout(batch, HEADS_PER_RANK, HEAD_DIM, o.dtype)
+
+    def pack(o, lse):
+        return pack_by_owner(o, to_base2(lse, rank.lse_base), layout, dcp_size)
+
+    def merge(buf):
+        return merge_packed(buf, layout, rank.dtype)[0]
+
     buf = pack(o, lse)
     return {
-        "reorder": reorder,
+        "reorder": None if q_all.data_ptr() == gathered.data_ptr() else reorder,
         "attention": lambda: attention(q_all),
         "pack": lambda: pack(o, lse),
-        "merge": lambda: merge(buf, o.dtype),
-        "local": local,
+        "merge": lambda: merge(buf),
+        "local": lambda: merge(pack(*attention(reorder()))),
     }
 
 
@@ -107,10 +104,8 @@ def measure_stages(rank: Rank, kv, batch: int, context: int, bandwidth: float) -
     point = {"batch": batch, "context": context,
              "tp_us": time_step(rank, lambda: tp.forward(q, kv, sm_scale=SM_SCALE)) * 1e6}
     for name, step in stage_steps(rank, kv, batch, context).items():
-        # at B = 1 the reorder is a view: no kernel, nothing to time (an empty graph's
-        # replay would measure only the launch interval)
-        no_kernel = name == "reorder" and batch == 1
-        point[f"{name}_us"] = 0.0 if no_kernel else time_step(rank, step) * 1e6
+        # no kernel, nothing to time: an empty graph's replay measures only the launch interval
+        point[f"{name}_us"] = 0.0 if step is None else time_step(rank, step) * 1e6
     rank0_tokens = batch * local_len(context, rank.args.dcp, 0)
     point["kv_floor_us"] = rank0_tokens * kv_bytes_per_token(rank.dtype) / bandwidth * 1e6
     return point

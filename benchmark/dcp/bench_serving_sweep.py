@@ -18,8 +18,8 @@ point the server log gives the most requests it held at once (``#running-req``).
     PYTHONPATH=/tmp/site-0.5.16:python python benchmark/dcp/bench_serving_sweep.py \\
         --engine upstream --configs dcp ...
 
-Results go to ``serving_sweep_tp<TP>.json`` (``serving_sweep_upstream_tp<TP>.json``) in ``--out``, rewritten
-after every point, and a PNG at the end. ``--resume FILE`` keeps a copy in FILE and, when FILE
+Results go to ``serving_sweep_tp<TP>.json`` (``serving_sweep_upstream_tp<TP>.json``) in
+``--out``, rewritten after every point, and a PNG at the end. ``--resume FILE`` keeps a copy in FILE and, when FILE
 exists, continues the run saved there: a sweep cut short by a time limit goes on where it
 stopped, on a new server, measuring only the missing points.
 """

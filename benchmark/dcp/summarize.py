@@ -49,8 +49,6 @@ def output_throughput(run, shape, concurrency):
 def serving_figures(sweep):
     """Capacity ratio, batch-1 TPOT overhead (at 32k and at every measured input length; ``null``
     where a run had no valid point), best throughput gain at 32k input."""
-    if sweep is None:
-        return {"capacity_ratio": None, "tpot_overhead_bs1_32k": None, "throughput_gain_32k_max": None}
     tp, dcp = sweep["tp"], sweep["tp+dcp"]
     overheads = {}
     for n in tp["latency"]:
@@ -80,10 +78,11 @@ def headline(by_tp):
     and its card under ``headline_sources`` (``null`` where no run measured it)."""
     figures, sources = {}, {}
     for key in HEADLINE_KEYS:
-        sizes = [tp for tp in sorted(by_tp, reverse=True) if by_tp[tp][key] is not None]
-        figures[key] = by_tp[sizes[0]][key] if sizes else None
-        sources[key] = sizes and {"tp_size": sizes[0], "card": by_tp[sizes[0]]["serving_card"],
-                                  "date_utc": by_tp[sizes[0]]["serving_date_utc"]} or None
+        tp = max((tp for tp, run in by_tp.items() if run[key] is not None), default=None)
+        run = by_tp.get(tp)
+        figures[key] = run and run[key]
+        sources[key] = run and {"tp_size": tp, "card": run["serving_card"],
+                                "date_utc": run["serving_date_utc"]}
     return {**figures, "headline_sources": sources}
 
 
