@@ -9,6 +9,8 @@ top-5 logprobs within ``LOGPROB_TOL`` and exactly D times the logical KV capacit
 same memory settings.
 """
 
+import json
+
 import pytest
 
 from sglang_dcp.test.engine_compare import (
@@ -24,6 +26,8 @@ pytestmark = pytest.mark.e2e
 
 # float32 end to end; DCP only reorders the softmax sums (one extra LSE merge).
 LOGPROB_TOL = 1e-4
+# FP8 rounds subnormal K/V differently when they are stored scaled
+FP8_LOGPROB_TOL = 1e-2
 VOCAB_SIZE = 1024
 CHUNKED_PREFILL_SIZE = 64
 PROMPT_LENGTHS = [1, 5, 17, 33, 64, 150]  # 150 > CHUNKED_PREFILL_SIZE
@@ -87,3 +91,34 @@ def test_dcp1_is_bit_identical_to_stock_sglang(tmp_path):
     stock = run_engine_isolated(model, scenario, env={"SGLANG_PLUGINS": "no-such-plugin"}, **kwargs)
     with_plugin = run_engine_isolated(model, scenario, env={"SGLANG_PLUGINS": "dcp"}, dcp_size=1, **kwargs)
     assert with_plugin == stock
+
+
+def write_kv_cache_scales(path: str, scale: float, tp_size: int, num_layers: int, model_type: str) -> str:
+    """A ``--quantization-param-path`` file: FP8 KV-cache scale ``scale`` on every layer and rank."""
+    layers = {layer: scale for layer in range(num_layers)}
+    with open(path, "w") as f:
+        json.dump({"model_type": model_type, "kv_cache": {
+            "dtype": "float8_e4m3fn", "scaling_factor": {rank: layers for rank in range(tp_size)}}}, f)
+    return path
+
+
+def test_fp8_kv_cache_with_scales(tmp_path):
+    """An FP8 KV cache stores ``kv / scale`` and every read multiplies by ``scale``. The
+    reference is stock SGLang without scales (dcp 1); DCP runs with scale 0.5 on every layer,
+    a power of two, so it stores the reference's values times 2 and reads them back halved:
+    equal but for FP8 subnormals, which the scaled store rounds more finely. Greedy tokens
+    must be identical. (The CUDA path reads with the same ``kv_scales``; before the fix it read
+    ``k_scale`` from a store that never divided by it.)"""
+    model = write_random_gqa_model(
+        str(tmp_path / "model"), num_attention_heads=4, num_key_value_heads=1, vocab_size=VOCAB_SIZE
+    )
+    scales = write_kv_cache_scales(str(tmp_path / "kv_scales.json"), 0.5, 2, 2, "qwen3")
+    greedy = mixed_scenario(VOCAB_SIZE, PROMPT_LENGTHS, max_new_tokens=16)[:2]
+    kwargs = {**cpu_engine_kwargs(2), "kv_cache_dtype": "fp8_e4m3"}
+    reference = run_engine(model, greedy, dcp_size=1, **kwargs)
+    candidate = run_engine(model, greedy, dcp_size=2, quantization_param_path=scales, **kwargs)
+
+    agreement = compare(reference, candidate)
+    print(f"fp8 KV, scale 0.5: {agreement}")
+    assert agreement.identical_requests == agreement.num_requests, agreement
+    assert agreement.max_logprob_diff < FP8_LOGPROB_TOL, agreement

@@ -5,6 +5,9 @@ Per layer, on DCP rank ``r`` of a group of ``D`` ranks that hold the same KV hea
 * KV write: logical slot ``loc`` goes to row ``loc // D`` if ``loc % D == r``, else to
   the dump row (``layout.local_write_rows``). The rows are the same for every layer of a
   forward pass: computed at its first layer (inside a captured CUDA graph too), reused after.
+  An FP8 cache stores ``kv / scale`` and every read multiplies by ``scale``
+  (``kv_cache_scales``); the store divides ``k``/``v`` in place, so extend writes after its
+  new-token pass has read them.
 * Decode: all-gather Q over the group along heads (``Hq -> D*Hq``), partial attention with
   LSE over the tokens stored here, ``dcp_merge`` (one all-to-all of the packed partials
   and a local merge back to the ``Hq`` heads of this rank, in the model dtype).
@@ -17,7 +20,7 @@ Subclasses implement ``init_forward_metadata`` and the three ``partial_*`` kerne
 returning ``(o [T, H, dv], lse [T, H])`` with LSE in base ``lse_base``.
 """
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -27,6 +30,18 @@ from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 from sglang_dcp.distributed.parallel_state import all_gather_along_dim, get_dcp_group
 from sglang_dcp.layers.attention.merge import dcp_merge, merge_states
 from sglang_dcp.mem_cache.layout import local_write_rows
+
+
+def kv_cache_scales(layer) -> Tuple[Optional[float], Optional[float]]:
+    """``(k_scale, v_scale)`` of a layer's FP8 KV cache, or ``None`` each: the one value that
+    the store divides by and every read multiplies by. Quantized checkpoints set both
+    ``k_scale`` and ``k_scale_float``; ``--quantization-param-path`` sets only ``k_scale``
+    (a float), which stock SGLang then divides by on store but never multiplies by on read."""
+    return tuple(
+        getattr(layer, f"{kv}_scale_float") if getattr(layer, f"{kv}_scale_float") is not None
+        else getattr(layer, f"{kv}_scale")
+        for kv in ("k", "v")
+    )
 
 
 class DCPAttnBackend(AttentionBackend):
@@ -40,6 +55,8 @@ class DCPAttnBackend(AttentionBackend):
         self.device = model_runner.device
         self.req_to_token = model_runner.req_to_token_pool.req_to_token
         self.token_to_kv_pool = model_runner.token_to_kv_pool
+        # The store scales K/V only when it converts them (SGLang's set_kv_buffer)
+        self.scaled_kv_cache = model_runner.kv_cache_dtype != model_runner.dtype
         self.first_layer_id = model_runner.start_layer
         self.write_rows = None  # of the current forward pass, set at its first layer
 
@@ -62,8 +79,15 @@ class DCPAttnBackend(AttentionBackend):
         if layer.layer_id == self.first_layer_id:
             self.write_rows = local_write_rows(forward_batch.out_cache_loc, self.dcp_size, self.dcp_rank)
 
+    def kv_scales(self, layer) -> Tuple[Optional[float], Optional[float]]:
+        """The scales that this layer's cache is stored with (``None`` for an unscaled cache)."""
+        return kv_cache_scales(layer) if self.scaled_kv_cache else (None, None)
+
     def write_kv(self, layer, k, v) -> None:
-        self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(self.write_rows), k, v)
+        """Store this rank's share of ``k``/``v``; scales them in place (FP8 cache)."""
+        self.token_to_kv_pool.set_kv_buffer(
+            layer, KVWriteLoc(self.write_rows), k, v, *self.kv_scales(layer)
+        )
 
     def gather_heads(self, q: torch.Tensor, layer) -> torch.Tensor:
         q = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
@@ -79,12 +103,16 @@ class DCPAttnBackend(AttentionBackend):
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         self.begin_layer(layer, forward_batch)
-        if save_kv_cache and k is not None:
-            self.write_kv(layer, k, v)
         q_own = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
-        k = k.reshape(-1, layer.tp_k_head_num, layer.qk_head_dim)
-        v = v.reshape(-1, layer.tp_v_head_num, layer.v_head_dim)
-        o, lse = self.partial_extend_new(q_own, k, v, layer, forward_batch)
+        o, lse = self.partial_extend_new(
+            q_own,
+            k.reshape(-1, layer.tp_k_head_num, layer.qk_head_dim),
+            v.reshape(-1, layer.tp_v_head_num, layer.v_head_dim),
+            layer,
+            forward_batch,
+        )
+        if save_kv_cache:  # after the new-token pass: an FP8 store scales k, v in place
+            self.write_kv(layer, k, v)
         if any(forward_batch.extend_prefix_lens_cpu):
             o_pre, lse_pre = self.partial_extend_prefix(
                 self.gather_heads(q, layer), layer, forward_batch

@@ -211,13 +211,14 @@ class FlashInferDCPAttnBackend(DCPAttnBackend):
 
     # ---- kernels --------------------------------------------------------------------
     def partial_decode(self, q_all, layer, forward_batch):
+        k_scale, v_scale = self.kv_scales(layer)
         return self.decode_wrapper.forward_return_lse(
             q_all,
             self.token_to_kv_pool.get_kv_buffer(layer.layer_id),
             sm_scale=layer.scaling,
             logits_soft_cap=layer.logit_cap,
-            k_scale=layer.k_scale_float,
-            v_scale=layer.v_scale_float,
+            k_scale=k_scale,
+            v_scale=v_scale,
         )
 
     def partial_extend_new(self, q, k, v, layer, forward_batch):
@@ -227,12 +228,13 @@ class FlashInferDCPAttnBackend(DCPAttnBackend):
         )
 
     def partial_extend_prefix(self, q_all, layer, forward_batch):
+        k_scale, v_scale = self.kv_scales(layer)
         return self.prefix_wrapper.forward_return_lse(
             q_all,
             self.token_to_kv_pool.get_kv_buffer(layer.layer_id),
             causal=False,
             sm_scale=layer.scaling,
             logits_soft_cap=layer.logit_cap,
-            k_scale=layer.k_scale_float,
-            v_scale=layer.v_scale_float,
+            k_scale=k_scale,
+            v_scale=v_scale,
         )

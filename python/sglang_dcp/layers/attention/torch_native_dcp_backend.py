@@ -1,11 +1,14 @@
 """DCP on SGLang's torch_native backend: PyTorch partial-attention kernels (CPU).
 
 Each kernel loops over the requests of the batch and calls ``attention_with_lse``; K/V
-of cached tokens are read from this rank's physical rows (``layout.local_token_rows``).
+of cached tokens are read from this rank's physical rows (``layout.local_token_rows``) and
+multiplied by the cache's scales (FP8), as FlashInfer does with ``k_scale``/``v_scale``.
+Like SGLang's torch_native backend, new tokens attend to their K/V as the cache stores them
+(rounded to the cache dtype).
 """
 
 import math
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -44,6 +47,11 @@ def attention_with_lse(
     return torch.einsum("hqk,khd->qhd", probs, v), lse.transpose(0, 1)
 
 
+def stored_to_float(kv: torch.Tensor, scale: Optional[float]) -> torch.Tensor:
+    """Cached ``k`` or ``v`` as float32: ``stored * scale`` (an FP8 cache stores ``kv / scale``)."""
+    return kv.float() if scale is None else kv.float() * scale
+
+
 class TorchNativeDCPAttnBackend(DCPAttnBackend):
     lse_base = math.e
 
@@ -65,11 +73,23 @@ class TorchNativeDCPAttnBackend(DCPAttnBackend):
             for req, length in zip(forward_batch.req_pool_indices.tolist(), cached_lens)
         ]
 
+    def as_stored(self, kv: torch.Tensor, scale: Optional[float]) -> torch.Tensor:
+        """``kv`` as a read of the cache returns it: stored in the cache dtype, scaled back."""
+        stored = (kv.float() if scale is None else kv.float() / scale).to(self.token_to_kv_pool.dtype)
+        return stored_to_float(stored, scale)
+
     def _attend_cached(self, q_all, layer, query_lens):
         k_cache = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
         v_cache = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
+        k_scale, v_scale = self.kv_scales(layer)
         parts = [
-            attention_with_lse(q_req, k_cache[rows], v_cache[rows], layer.scaling, causal=False)
+            attention_with_lse(
+                q_req,
+                stored_to_float(k_cache[rows], k_scale),
+                stored_to_float(v_cache[rows], v_scale),
+                layer.scaling,
+                causal=False,
+            )
             for q_req, rows in zip(q_all.split(query_lens), self.local_rows)
         ]
         return torch.cat([o for o, _ in parts]), torch.cat([lse for _, lse in parts])
@@ -81,6 +101,9 @@ class TorchNativeDCPAttnBackend(DCPAttnBackend):
         return self._attend_cached(q_all, layer, forward_batch.extend_seq_lens_cpu)
 
     def partial_extend_new(self, q, k, v, layer, forward_batch):
+        if self.scaled_kv_cache:  # as SGLang's torch_native: new tokens read as stored
+            k_scale, v_scale = self.kv_scales(layer)
+            k, v = self.as_stored(k, k_scale), self.as_stored(v, v_scale)
         lens = forward_batch.extend_seq_lens_cpu
         parts = [
             attention_with_lse(q_req, k_req, v_req, layer.scaling, causal=True)
