@@ -11,7 +11,8 @@
 #   install  the offline SGLang 0.5.14 bundle (.device, built by ../shared/device/make_bundle.sh)
 #            into /tmp/site if missing, then this package, without network
 #   kernels  test/srt/gpu/test_gpu_kernels.py: Triton merge + index kernels, DCP partial
-#            attention + merge against float64 full attention (D = 2, 4)
+#            attention + merge against float64 full attention (D = 2, 4); test_gpu_allocator.py:
+#            SGLang's allocator kernels under DCP, logical pages that are not a power of two
 #   e2e-tp2  test/srt/gpu/test_e2e_gpu.py at tp=2 (1 KV head): dcp 1 vs 2, CUDA graphs on/off
 #   e2e-tp4  the same at tp=4 (2 KV heads); needs 4 GPUs
 #   e2e-llama  the same at tp=2 for Llama at page size 16
@@ -33,7 +34,7 @@ run_one() {  # one stage by name
     kernels)
       setup_env
       run_stage kernels python3 -m pytest -q -p no:cacheprovider test/srt/gpu/test_gpu_kernels.py \
-        --junitxml "$WORK/kernels.xml"
+        test/srt/gpu/test_gpu_allocator.py --junitxml "$WORK/kernels.xml"
       ;;
     e2e-tp2|e2e-tp4|e2e-llama|e2e-moe)
       setup_env

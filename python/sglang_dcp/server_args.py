@@ -11,6 +11,7 @@ radix cache and scheduler use; the physical KV pool keeps ``P = page_size // D``
 import dataclasses
 import logging
 import os
+from typing import Optional
 
 import sglang.srt.server_args as sglang_server_args
 from sglang.srt.arg_groups.arg_utils import A, Arg
@@ -22,6 +23,9 @@ logger = logging.getLogger(__name__)
 
 # The attention backend that runs DCP on each device.
 DCP_ATTENTION_BACKENDS = {"cuda": "flashinfer", "cpu": "torch_native"}
+# SGLang 0.5.14 models whose attention layers call the backend with k=None, reading the new
+# tokens' K/V from another layer's cache (at logical slots, which DCP does not store).
+READS_ANOTHER_LAYERS_KV = {"IQuestLoopCoderForCausalLM"}
 
 
 class DCPConfigError(ValueError):
@@ -40,12 +44,17 @@ class DCPServerArgs(sglang_server_args.ServerArgs):
             aliases=["--dcp", "--decode-context-parallel-size"],
         ),
     ] = 1
+    # The physical page P once page_size holds the logical P * D: a second __post_init__
+    # (e.g. ServerArgs(**dataclasses.asdict(args))) starts again from P.
+    dcp_physical_page_size: A[Optional[int], Arg(no_cli=True)] = None
 
     def __post_init__(self):
         if self.dcp_size == 1:
             return super().__post_init__()
         from sglang_dcp.hooks import require_hooks_applied
 
+        if self.dcp_physical_page_size is not None:
+            self.page_size = self.dcp_physical_page_size
         self._check_dcp_flags()
         require_hooks_applied()
         self._set_dcp_defaults()
@@ -54,11 +63,33 @@ class DCPServerArgs(sglang_server_args.ServerArgs):
         self._check_dcp_model()
         super().__post_init__()
         self._check_dcp_resolved_args()
+        self._set_logical_page()
+
+    def _set_logical_page(self):
+        """``page_size`` becomes the logical page ``P * D``; a chunk holds whole logical pages."""
+        self.dcp_physical_page_size = self.page_size
         self.page_size *= self.dcp_size
+        chunk = self.chunked_prefill_size
+        if 0 < chunk < self.page_size:
+            raise DCPConfigError(
+                f"--chunked-prefill-size {chunk} is smaller than the logical page "
+                f"{self.page_size} (page size x dcp); set it to a multiple of {self.page_size}."
+            )
+        if chunk > 0 and chunk % self.page_size:
+            self.chunked_prefill_size = chunk - chunk % self.page_size
+            logger.warning(
+                "DCP: chunked prefill size %d -> %d, a multiple of the logical page %d "
+                "(page size %d x dcp %d)",
+                chunk,
+                self.chunked_prefill_size,
+                self.page_size,
+                self.dcp_physical_page_size,
+                self.dcp_size,
+            )
         logger.info(
             "DCP: dcp_size=%d, physical page %d, logical page %d",
             self.dcp_size,
-            self.page_size // self.dcp_size,
+            self.dcp_physical_page_size,
             self.page_size,
         )
 
@@ -84,6 +115,14 @@ class DCPServerArgs(sglang_server_args.ServerArgs):
             "--enable-two-batch-overlap": self.enable_two_batch_overlap,
             "--enable-pdmux": self.enable_pdmux,
             "--enable-deterministic-inference": self.enable_deterministic_inference,
+            # Attention variants the DCP backends do not implement
+            "--enable-mis": self.enable_mis,
+            "--dllm-algorithm": self.dllm_algorithm is not None,
+            # The canary reads and writes KV pools at logical slots; DCP stores row loc // D
+            "--kv-canary": self.kv_canary != "none",
+            # Never run with DCP's collectives and per-pass KV write rows
+            "--enable-torch-compile": self.enable_torch_compile,
+            "--debug-cuda-graph": self.debug_cuda_graph,
         }
         for flag, is_set in unsupported.items():
             if is_set:
@@ -123,6 +162,12 @@ class DCPServerArgs(sglang_server_args.ServerArgs):
                 f"--dcp-size {d} runs prefill without CUDA graphs; drop the prefill CUDA-graph "
                 f"backend from --cuda-graph-backend-prefill / --cuda-graph-config."
             )
+        decode_backend = self.cuda_graph_config.decode.backend
+        if decode_backend not in (Backend.FULL, Backend.DISABLED):
+            raise DCPConfigError(
+                f"--dcp-size {d} captures decode CUDA graphs whole (full) or not at all, not "
+                f"{decode_backend}; drop --cuda-graph-backend-decode {decode_backend}."
+            )
         # SGLang's own defaults may set a per-phase backend (e.g. prefill for some models).
         self._check_attention_backends(DCP_ATTENTION_BACKENDS[self.device])
 
@@ -143,6 +188,17 @@ class DCPServerArgs(sglang_server_args.ServerArgs):
         if model_config.is_multimodal:
             raise DCPConfigError(
                 f"--dcp-size {d} does not support multimodal models; use --dcp-size 1."
+            )
+        if not model_config.is_generation:
+            raise DCPConfigError(
+                f"--dcp-size {d} splits the KV cache that decoding reads; this embedding / "
+                f"classification model does not decode. Use --dcp-size 1."
+            )
+        reads_shared_kv = READS_ANOTHER_LAYERS_KV & set(model_config.hf_config.architectures)
+        if reads_shared_kv:
+            raise DCPConfigError(
+                f"--dcp-size {d} does not support {sorted(reads_shared_kv)[0]}: its layers read "
+                f"another layer's KV cache (k=None). Use --dcp-size 1."
             )
         num_kv_heads = model_config.get_total_num_kv_heads()
         tp = self.tp_size

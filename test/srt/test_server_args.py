@@ -103,6 +103,17 @@ def models(tmp_path_factory):
         num_experts=0, linear_num_key_heads=2, linear_num_value_heads=4,
         linear_key_head_dim=32, linear_value_head_dim=32, full_attention_interval=2, **gqa,
     )  # fmt: skip
+    paths["bert"] = write_config(
+        root / "bert", "bert", "BertModel", num_attention_heads=8, hidden_size=256,
+        num_hidden_layers=2, intermediate_size=512, vocab_size=1024,
+    )  # fmt: skip
+    paths["loopcoder"] = write_config(
+        root / "loopcoder", "llama", "IQuestLoopCoderForCausalLM", loop_num=2, **gqa
+    )
+    # 12 query / 2 KV heads: tp 6 puts each KV head on 3 ranks, so dcp 3 (logical page 3)
+    paths["gqa2_12q"] = write_dummy_gqa_model(
+        str(root / "gqa2_12q"), num_attention_heads=12, num_key_value_heads=2, **SMALL
+    )
     return paths
 
 
@@ -175,6 +186,14 @@ REJECTED_FLAGS_ON_CPU = [
     _flag("--prefill-attention-backend triton", "--prefill-attention-backend triton has no DCP"),
     _flag("--decode-attention-backend triton", "--decode-attention-backend triton has no DCP"),
     _flag("--enable-deterministic-inference", "--enable-deterministic-inference is not supported"),
+    # Attention variants and modes that DCP does not implement
+    _flag("--enable-mis", "--enable-mis is not supported"),
+    _flag("--dllm-algorithm LowConfidence", "--dllm-algorithm is not supported"),
+    _flag("--kv-canary log", "--kv-canary is not supported"),
+    _flag("--kv-canary raise", "--kv-canary is not supported"),
+    _flag("--enable-torch-compile", "--enable-torch-compile is not supported"),
+    _flag("--debug-cuda-graph", "--debug-cuda-graph is not supported"),
+    _flag("--chunked-prefill-size 1", "--chunked-prefill-size 1 is smaller than the logical page 2"),
 ]  # fmt: skip
 
 # Refused flags on CUDA (flashinfer only, eager prefill), added to --tp 2 --dcp-size 2.
@@ -188,6 +207,9 @@ REJECTED_FLAGS_ON_CUDA = [
     _flag("""--cuda-graph-config '{"prefill": {"backend": "breakable"}}'""",
           "runs prefill without CUDA graphs"),
     _flag("--enable-deterministic-inference", "--enable-deterministic-inference"),
+    _flag("--cuda-graph-backend-decode breakable", "decode CUDA graphs whole (full) or not at all, not breakable"),
+    _flag("--cuda-graph-backend-decode tc_piecewise", "(full) or not at all, not tc_piecewise"),
+    _flag("""--cuda-graph-config '{"decode": {"backend": "breakable"}}'""", "not breakable"),
 ]  # fmt: skip
 
 # Refused models (DCP splits plain MHA/GQA full attention only): (model, flags, phrase).
@@ -198,6 +220,12 @@ REJECTED_MODELS = [
     pytest.param("qwen3_next", "", "linear-attention/Mamba layers", id="qwen3-next"),
     # Checked before SGLang's own rules (GPT-OSS requires triton/fa3/trtllm backends).
     pytest.param("gpt_oss", "", "mixes sliding-window and full-attention layers", id="gpt-oss"),
+    # No decode: embedding (encoder-only BERT: non-causal attention) and --is-embedding models
+    pytest.param("bert", "", "this embedding / classification model does not decode", id="bert"),
+    pytest.param("gqa1", "--is-embedding", "model does not decode", id="is-embedding"),
+    # Later loops' layers call attention with k=None (read loop 0's cache)
+    pytest.param("loopcoder", "", "IQuestLoopCoderForCausalLM: its layers read another layer's KV",
+                 id="loopcoder-k-none"),
 ]  # fmt: skip
 
 
@@ -295,8 +323,29 @@ def test_dcp_1_is_stock_sglang(models, flags):
     args = parse(models, "gqa1", f"--tp 2 {flags} --random-seed 0 --log-level info")
     assert (args.dcp_size, args.page_size, args.disable_prefill_cuda_graph) == (1, 1, False)
     ours = dataclasses.asdict(args)
-    assert ours.pop("dcp_size") == 1
+    assert ours.pop("dcp_size") == 1 and ours.pop("dcp_physical_page_size") is None
     assert ours == stock
+
+
+def test_dcp_3_on_cuda_takes_whole_logical_pages(models):
+    """D = 3: logical page 3 (not a power of two; the allocator extends in PyTorch, see
+    ``gpu/test_gpu_allocator.py``); the chunked-prefill size rounds down to whole pages."""
+    args = parse(models, "gqa2_12q", "--tp 6 --dcp 3 --chunked-prefill-size 64", device="cuda")
+    assert (args.page_size, args.dcp_physical_page_size, args.chunked_prefill_size) == (3, 1, 63)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_resolving_twice_changes_nothing(models, device):
+    """``ServerArgs(**asdict(args))`` runs ``__post_init__`` again on resolved arguments."""
+    import sglang.srt.server_args as server_args
+
+    args = parse(models, "gqa1", "--tp 2 --dcp 2 --page-size 16 --chunked-prefill-size 96", device)
+    resolved = dataclasses.asdict(args)
+    again = dataclasses.asdict(server_args.ServerArgs(**resolved))
+    if device == "cpu":  # SGLang's own second pass turns CPU decode graphs off (dcp 1 alike)
+        resolved.pop("cuda_graph_config"), again.pop("cuda_graph_config")
+    assert again == resolved
+    assert (args.page_size, args.dcp_physical_page_size, args.chunked_prefill_size) == (32, 16, 96)
 
 
 # Starts a fresh interpreter that imports sglang and every plugin: ~10-30 s.

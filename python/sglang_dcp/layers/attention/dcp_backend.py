@@ -25,6 +25,7 @@ from typing import Optional, Tuple
 import torch
 
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
+from sglang.srt.layers.radix_attention import AttentionType
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
 from sglang_dcp.distributed.parallel_state import all_gather_along_dim, get_dcp_group
@@ -74,8 +75,19 @@ class DCPAttnBackend(AttentionBackend):
         raise NotImplementedError()
 
     # ---- the DCP path ---------------------------------------------------------------
-    def begin_layer(self, layer, forward_batch) -> None:
-        """At the first layer of a forward pass: this pass's KV write rows."""
+    def begin_layer(self, layer, k, save_kv_cache, forward_batch) -> None:
+        """Refuse a layer DCP cannot run; at the first layer of a pass, its KV write rows.
+
+        DCP runs causal decoder attention that stores its own new K/V (at owned rows only):
+        a layer that passes ``k=None`` or ``save_kv_cache=False`` reads or writes K/V at
+        logical slots elsewhere, and encoder-only attention is not causal."""
+        if layer.attn_type != AttentionType.DECODER or k is None or not save_kv_cache:
+            raise NotImplementedError(
+                f"--dcp-size {self.dcp_size} runs causal decoder layers that store their own "
+                f"K/V; layer {layer.layer_id} is {layer.attn_type.value} attention with "
+                f"k={'None' if k is None else 'given'}, save_kv_cache={save_kv_cache}. "
+                f"Use --dcp-size 1."
+            )
         if layer.layer_id == self.first_layer_id:
             self.write_rows = local_write_rows(forward_batch.out_cache_loc, self.dcp_size, self.dcp_rank)
 
@@ -94,15 +106,14 @@ class DCPAttnBackend(AttentionBackend):
         return all_gather_along_dim(self.dcp_group, q, dim=1)
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
-        self.begin_layer(layer, forward_batch)
-        if save_kv_cache and k is not None:
-            self.write_kv(layer, k, v)
+        self.begin_layer(layer, k, save_kv_cache, forward_batch)
+        self.write_kv(layer, k, v)
         o, lse = self.partial_decode(self.gather_heads(q, layer), layer, forward_batch)
         o, _ = dcp_merge(self.dcp_group, o, lse, self.lse_base, out_dtype=q.dtype)
         return o.reshape(-1, layer.tp_q_head_num * layer.v_head_dim)
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
-        self.begin_layer(layer, forward_batch)
+        self.begin_layer(layer, k, save_kv_cache, forward_batch)
         q_own = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
         o, lse = self.partial_extend_new(
             q_own,
@@ -111,8 +122,7 @@ class DCPAttnBackend(AttentionBackend):
             layer,
             forward_batch,
         )
-        if save_kv_cache:  # after the new-token pass: an FP8 store scales k, v in place
-            self.write_kv(layer, k, v)
+        self.write_kv(layer, k, v)  # after the new-token pass: an FP8 store scales k, v in place
         if any(forward_batch.extend_prefix_lens_cpu):
             o_pre, lse_pre = self.partial_extend_prefix(
                 self.gather_heads(q, layer), layer, forward_batch
