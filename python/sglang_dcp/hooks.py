@@ -19,7 +19,7 @@ from sglang_dcp.distributed.parallel_state import (
     initialize_dcp_group,
 )
 from sglang_dcp.layers.attention.registry import create_dcp_attention_backend
-from sglang_dcp.model_executor.kv_cache import init_pools_with_dcp
+from sglang_dcp.model_executor.kv_cache import init_pools_with_dcp, reserve_extend_memory
 from sglang_dcp.server_args import DCPServerArgs
 
 _MODEL_RUNNER = "sglang.srt.model_executor.model_runner.ModelRunner"
@@ -74,6 +74,9 @@ HOOKS = (
          HookType.AROUND, "DCP collectives inside CUDA graphs"),
     Hook("sglang.srt.model_executor.model_runner_kv_cache_mixin.ModelRunnerKVCacheMixin._init_pools",
          init_pools_with_dcp, HookType.AROUND, "physical pool, logical allocator and capacity"),
+    Hook("sglang.srt.model_executor.model_runner_kv_cache_mixin.ModelRunnerKVCacheMixin."
+         "_profile_available_bytes", reserve_extend_memory, HookType.AFTER,
+         "room for DCP's extend activations beside the KV pool"),
     Hook(f"{_MODEL_RUNNER}._get_attention_backend_from_str", attention_backend_from_str,
          HookType.AROUND, "DCP attention backends"),
     Hook("sglang.srt.configs.update_config.adjust_config_with_unaligned_cpu_tp",

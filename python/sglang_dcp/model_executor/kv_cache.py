@@ -5,6 +5,9 @@ rows (a multiple of ``P * D``). The pool is built with the physical page ``P``; 
 allocator hands out ``N * D`` logical slots in pages of ``P * D`` (slot ``loc`` -> rank
 ``loc % D``, row ``loc // D``), and ``max_total_num_tokens`` becomes ``N * D``, so the
 scheduler, radix cache, logs and ``get_server_info`` all count logical tokens.
+
+The pool's memory budget leaves room for what DCP's extend pass over a cached prefix
+allocates beyond TP's (``extend_prefix_reserve_bytes``), which SGLang's planning does not know.
 """
 
 import logging
@@ -34,6 +37,12 @@ def init_pools_with_dcp(original_init_pools, runner) -> None:
         need_sort=False,  # only PD disaggregation sorts, and DCP rejects it
     )
     runner.max_total_num_tokens = physical_rows * dcp_size
+    if runner.token_to_kv_pool_allocator.extend_in_torch and runner.device != "cpu":
+        logger.info(
+            "DCP: logical page %d is not a power of two; prefill slots are allocated in "
+            "PyTorch (SGLang's Triton allocator needs a power of two)",
+            logical_page,
+        )
     logger.info(
         "DCP KV cache: %d physical rows per rank (page %d) x dcp %d = %d logical tokens "
         "(page %d)",
@@ -43,3 +52,40 @@ def init_pools_with_dcp(original_init_pools, runner) -> None:
         runner.max_total_num_tokens,
         logical_page,
     )
+
+
+def extend_prefix_reserve_bytes(
+    tokens: int, heads: int, head_dim: int, v_head_dim: int, dcp_size: int, itemsize: int
+) -> int:
+    """A bound on what one layer's DCP extend pass over a cached prefix allocates beyond TP's,
+    for a chunk of ``T = tokens`` new tokens and ``Hq = heads`` query heads per rank, as if
+    every buffer were live at once: the gathered queries ``[T, D*Hq, d]``, the prefix partials
+    ``[T, D*Hq, dv]`` with their float32 LSE and the two exchange buffers of that size, and four
+    float32 merges ``[T, Hq, dv]`` with their LSE (``itemsize`` of the model dtype)."""
+    gathered = tokens * dcp_size * heads
+    partials = v_head_dim * itemsize + 4
+    merges = tokens * heads * (4 * v_head_dim + 4)
+    return gathered * (head_dim * itemsize + 3 * partials) + 4 * merges
+
+
+def reserve_extend_memory(available_bytes: int, runner, pre_model_load_memory) -> int:
+    """The KV pool's budget (``_profile_available_bytes``) less ``extend_prefix_reserve_bytes``
+    for the largest extend batch: the chunked-prefill size (else ``--max-prefill-tokens``)."""
+    args = runner.server_args
+    if args.dcp_size == 1:
+        return available_bytes
+    config = runner.model_config
+    tokens = args.chunked_prefill_size if args.chunked_prefill_size > 0 else args.max_prefill_tokens
+    heads = config.num_attention_heads // args.tp_size
+    reserve = extend_prefix_reserve_bytes(
+        tokens, heads, config.head_dim, config.v_head_dim, args.dcp_size, runner.dtype.itemsize
+    )
+    logger.info(
+        "DCP: %.1f MiB kept out of the KV pool for the extend pass over a cached prefix "
+        "(%d tokens, %d x %d query heads)",
+        reserve / (1 << 20),
+        tokens,
+        args.dcp_size,
+        heads,
+    )
+    return available_bytes - reserve
