@@ -117,6 +117,8 @@ def assert_no_leak(server: Server):
         log = f.read()
     found = [m for m in LEAK_MESSAGES if m in log]
     assert not found, f"{found} in {server.log_path}"
+    if "--dcp-size 2" in " ".join(server.args):  # the replica check ran on both ranks
+        assert log.count("DCP allocator replicas agree at idle") == 2, server.log_path
 
 
 def finish_reason(out: dict) -> str:

@@ -113,6 +113,7 @@ def check_replicas_at_idle(scheduler, group: GroupCoordinator) -> None:
     global _checked_at_forward_ct
     if scheduler.forward_ct == _checked_at_forward_ct or not scheduler.is_fully_idle():
         return
+    first = _checked_at_forward_ct is None
     _checked_at_forward_ct = scheduler.forward_ct
     message = replica_disagreement(scheduler.token_to_kv_pool_allocator, group)
     if message is not None:
@@ -122,5 +123,5 @@ def check_replicas_at_idle(scheduler, group: GroupCoordinator) -> None:
             "count_memory_leak_warnings",
             message,
         )
-    else:
-        logger.debug("DCP allocator replicas agree at idle (forward %d)", scheduler.forward_ct)
+    elif first:
+        logger.info("DCP allocator replicas agree at idle; checked again after every busy period")
