@@ -16,9 +16,11 @@ from sglang_dcp.distributed.parallel_state import (
     dcp_graph_capture,
     dcp_is_initialized,
     destroy_dcp_group,
+    get_dcp_group,
     initialize_dcp_group,
 )
 from sglang_dcp.layers.attention.registry import create_dcp_attention_backend
+from sglang_dcp.mem_cache.allocator import check_replicas_at_idle
 from sglang_dcp.model_executor.kv_cache import init_pools_with_dcp, reserve_extend_memory
 from sglang_dcp.server_args import DCPServerArgs
 
@@ -54,6 +56,11 @@ def no_fused_kv_store_with_dcp(original, forward_batch):
     return False if dcp_is_initialized() else original(forward_batch)
 
 
+def check_allocator_replicas_after_idle(_result, scheduler):
+    if dcp_is_initialized():
+        check_replicas_at_idle(scheduler, get_dcp_group())
+
+
 class Hook(NamedTuple):
     target: str
     hook: Union[type, Callable]
@@ -83,6 +90,8 @@ HOOKS = (
          keep_kv_heads_replicated, HookType.AROUND, "no KV-head padding on CPU under DCP"),
     Hook("sglang.srt.models.utils.enable_fused_set_kv_buffer", no_fused_kv_store_with_dcp,
          HookType.AROUND, "no fused RoPE + KV store under DCP"),
+    Hook("sglang.srt.managers.scheduler.Scheduler.on_idle", check_allocator_replicas_after_idle,
+         HookType.AFTER, "DCP ranks' allocator replicas agree at idle"),
 )
 
 

@@ -1,4 +1,5 @@
-"""The DCP group and its collectives on gloo, with 2 and 4 processes (CPU)."""
+"""The DCP group, its collectives and the allocator-replica check on gloo, with 2 and 4
+processes (CPU)."""
 
 import math
 import os
@@ -30,6 +31,7 @@ def worker(rank, world, dcp, port, errors):
             initialize_dcp_group,
         )
         from sglang_dcp.layers.attention.merge import dcp_merge
+        from sglang_dcp.mem_cache.allocator import DCPTokenToKVPoolAllocator, replica_disagreement
         from sglang_dcp.layers.attention.torch_native_dcp_backend import attention_with_lse
 
         init_distributed_environment(
@@ -69,6 +71,20 @@ def worker(rank, world, dcp, port, errors):
             lse_out = lse if base == math.e else lse / math.log2(math.e)
             assert torch.allclose(o, o_full[:, own], atol=1e-5), (o - o_full[:, own]).abs().max()
             assert torch.allclose(lse_out, lse_full[:, own], atol=1e-5)
+
+        # allocator replicas: equal free-page lists agree; a page one rank alone gave out, or
+        # the same pages in another order (the next allocation differs), do not
+        def allocator():
+            return DCPTokenToKVPoolAllocator(16 * dcp, page_size=dcp, dtype=torch.float32,
+                                             device="cpu", kvcache=None, need_sort=False)
+
+        assert replica_disagreement(allocator(), group) is None
+        for diverge in (lambda pages: pages[1:], lambda pages: pages.flip(0)):
+            alloc = allocator()
+            if r == dcp - 1:
+                alloc.free_pages = diverge(alloc.free_pages)
+            message = replica_disagreement(alloc, group)
+            assert message is not None and "replicas disagree" in message, message
     except BaseException as e:  # noqa: BLE001 - reported to the parent
         errors.put(f"rank {rank}: {type(e).__name__}: {e}")
         raise

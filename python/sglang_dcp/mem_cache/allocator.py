@@ -6,15 +6,26 @@ rank's physical pool keeps ``N`` rows of ``page_size``-row pages (``layout`` map
 ``alloc_extend``/``alloc_decode``; this class computes the same slots in PyTorch on CPU,
 and for ``alloc_extend`` also where the logical page is not a power of two (e.g. D = 3):
 SGLang's extend kernel spans a page with ``tl.arange``, which needs one.
+
+Every rank of a DCP group runs its own replica of this allocator (each scheduler takes the
+same decisions); ``check_replicas_at_idle`` compares the replicas across the group.
 """
+
+import logging
+from typing import Optional
 
 import torch
 
+from sglang.srt.distributed.parallel_state import GroupCoordinator
+from sglang.srt.environ import envs
 from sglang.srt.mem_cache.allocator.paged import (
     PagedTokenToKVPoolAllocator,
     alloc_extend_naive,
 )
 from sglang.srt.utils import get_num_new_pages, next_power_of_2
+from sglang.srt.utils.common import raise_error_or_warn
+
+logger = logging.getLogger(__name__)
 
 
 class DCPTokenToKVPoolAllocator(PagedTokenToKVPoolAllocator):
@@ -73,3 +84,56 @@ class DCPTokenToKVPoolAllocator(PagedTokenToKVPoolAllocator):
         out_indices[opens_page] = self.free_pages[:num_new_pages] * self.page_size
         self.free_pages = self.free_pages[num_new_pages:]
         return out_indices
+
+
+def free_pages_digest(allocator: PagedTokenToKVPoolAllocator) -> torch.Tensor:
+    """``[available_size, sum(free), sum((i + 1) * free[i])]`` of the free-page list: equal
+    on two replicas iff (up to checksum collisions) they hold the same free pages in the
+    same order (the next allocation takes the first ones)."""
+    free = allocator.free_pages.to(device="cpu", dtype=torch.int64)
+    position = torch.arange(1, len(free) + 1, dtype=torch.int64)
+    return torch.stack([
+        torch.tensor(allocator.available_size(), dtype=torch.int64),
+        free.sum(),
+        (free * position).sum(),
+    ])
+
+
+def replica_disagreement(allocator: PagedTokenToKVPoolAllocator, group: GroupCoordinator) -> Optional[str]:
+    """All-gather ``free_pages_digest`` over the DCP group's CPU group; ``None`` if every
+    rank holds the same, else a message with each rank's digest."""
+    digest = free_pages_digest(allocator)
+    gathered = [torch.empty_like(digest) for _ in range(group.world_size)]
+    torch.distributed.all_gather(gathered, digest, group=group.cpu_group)
+    if all(torch.equal(g, gathered[0]) for g in gathered):
+        return None
+    per_rank = ", ".join(
+        f"rank {rank}: available={int(d[0])} checksums=({int(d[1])}, {int(d[2])})"
+        for rank, d in zip(group.ranks, gathered)
+    )
+    return f"DCP allocator replicas disagree at idle (the KV slots of some rank are leaked or reused): {per_rank}"
+
+
+_checked_at_forward_ct: Optional[int] = None
+
+
+def check_replicas_at_idle(scheduler, group: GroupCoordinator) -> None:
+    """Once per idle period (the first fully idle loop after a forward pass; every rank of
+    the group reaches it in the same iteration), require the DCP group's allocator replicas
+    to agree. Strict like SGLang's idle memory check (``SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE``):
+    raises, else warns."""
+    global _checked_at_forward_ct
+    if scheduler.forward_ct == _checked_at_forward_ct or not scheduler.is_fully_idle():
+        return
+    first = _checked_at_forward_ct is None
+    _checked_at_forward_ct = scheduler.forward_ct
+    message = replica_disagreement(scheduler.token_to_kv_pool_allocator, group)
+    if message is not None:
+        raise_error_or_warn(
+            scheduler.invariant_checker,
+            envs.SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE.get(),
+            "count_memory_leak_warnings",
+            message,
+        )
+    elif first:
+        logger.info("DCP allocator replicas agree at idle; checked again after every busy period")

@@ -4,12 +4,14 @@
 download), ``write_sharegpt_json`` writes prompts in the ShareGPT format that
 ``sglang.bench_serving --dataset-name random`` samples from, ``Server`` runs
 ``python -m sglang.launch_server`` in its own process group on 127.0.0.1 and
-``bench_serving`` runs ``python -m sglang.bench_serving`` against it.
+``bench_serving`` runs ``python -m sglang.bench_serving`` against it. ``stream_generate``
+reads a streaming ``/generate`` and can hang up early (a client disconnect).
 
 Only ``device_server_args`` imports this plugin's SGLang code, so the rest also serves
 benchmarks of another SGLang release (the upstream peer).
 """
 
+import http.client
 import json
 import os
 import random
@@ -101,6 +103,46 @@ def http_json(url: str, body: Optional[dict] = None, timeout: float = 600):
         return status, text
 
 
+def stream_generate(url: str, body: dict, hang_up_after_chunks: Optional[int] = None,
+                    hang_up_after_s: Optional[float] = None, timeout: float = 600) -> Tuple[int, List[dict]]:
+    """POST ``body`` with ``"stream": true`` to ``url`` + ``/generate`` and read its events.
+
+    Hangs up (closes the connection: SGLang aborts the request) after ``hang_up_after_chunks``
+    events or once ``hang_up_after_s`` seconds have passed, whichever comes first. Returns the
+    HTTP status (0 if it hung up before the response began) and the events read
+    (``/generate`` sends cumulative ``output_ids``; the last event of a finished request has
+    ``meta_info["finish_reason"]``), or the error body as ``[{"error": text}]`` for a status
+    other than 200.
+    """
+    host, port = url.split("//", 1)[1].rsplit(":", 1)
+    connection = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    status, events = 0, []
+    try:
+        connection.request("POST", "/generate", json.dumps({**body, "stream": True}),
+                           {"Content-Type": "application/json"})
+        deadline = None if hang_up_after_s is None else time.time() + hang_up_after_s
+        if deadline is not None:
+            connection.sock.settimeout(max(hang_up_after_s, 1e-3))
+        try:
+            response = connection.getresponse()
+            status = response.status
+            if status != 200:
+                return status, [{"error": response.read().decode()}]
+            while hang_up_after_chunks is None or len(events) < hang_up_after_chunks:
+                if deadline is not None:
+                    connection.sock.settimeout(max(deadline - time.time(), 1e-3))
+                line = response.readline()
+                if not line or line.strip() == b"data: [DONE]":
+                    break
+                if line.startswith(b"data: "):
+                    events.append(json.loads(line[len(b"data: "):]))
+        except TimeoutError:  # hang_up_after_s passed
+            pass
+        return status, events
+    finally:
+        connection.close()
+
+
 class Server:
     """``python -m sglang.launch_server`` on 127.0.0.1, as a context manager."""
 
@@ -138,6 +180,16 @@ class Server:
 
     def server_info(self) -> dict:
         return http_json(self.url + "/get_server_info")[1]
+
+    def wait_idle(self, timeout: float = 120) -> float:
+        """Poll ``/get_load`` until no request runs or waits (a chunked prefill under way is
+        neither); returns the seconds it took."""
+        start = time.time()
+        while sum(load["num_reqs"] for load in http_json(self.url + "/get_load")[1]) > 0:
+            if time.time() - start > timeout:
+                raise TimeoutError(f"requests still running after {timeout} s; see {self.log_path}")
+            time.sleep(0.2)
+        return time.time() - start
 
 
 def bench_serving(server: Server, tokenizer: str, args: List[str], log_path: str) -> Tuple[int, Optional[dict]]:
