@@ -3,7 +3,7 @@
 #   make test   the test suite (unit + CPU end-to-end; GPU tests skip without a GPU)
 PYTHON ?= python3
 VENV ?= .venv
-GSM8K_PATH ?= ../shared/data/gsm8k_test.jsonl
+GSM8K_PATH ?= data/gsm8k_test_200.jsonl
 # SGLang on CPU (see README): CPU engine, no NCCL, no torch.compile, one thread per rank
 CPU_ENV = SGLANG_USE_CPU_ENGINE=1 SGLANG_NCCL_SO_PATH=/nonexistent/libnccl.so.2 \
           TORCHDYNAMO_DISABLE=1 OMP_NUM_THREADS=1
