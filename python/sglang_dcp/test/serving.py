@@ -102,10 +102,16 @@ def http_json(url: str, body: Optional[dict] = None, timeout: float = 600):
 
 
 class Server:
-    """``python -m sglang.launch_server`` on 127.0.0.1, as a context manager."""
+    """``python -m sglang.launch_server`` on 127.0.0.1, as a context manager.
 
-    def __init__(self, args: List[str], port: int, log_path: str, wait_s: float = 900):
+    With ``progress_s > 0``, start-up prints a line every ``progress_s`` seconds: the time
+    since launch and the last line of the server log.
+    """
+
+    def __init__(self, args: List[str], port: int, log_path: str, wait_s: float = 900,
+                 progress_s: float = 0):
         self.args, self.port, self.log_path, self.wait_s = args, port, log_path, wait_s
+        self.progress_s = progress_s
         self.url = f"http://127.0.0.1:{port}"
 
     def __enter__(self) -> "Server":
@@ -113,15 +119,20 @@ class Server:
                "--host", "127.0.0.1", "--port", str(self.port)]
         self.log = open(self.log_path, "w")
         self.process = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.time() + self.wait_s
-        while time.time() < deadline:
+        start = time.time()
+        next_report = start + self.progress_s
+        while time.time() < start + self.wait_s:
             if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}; see {self.log_path}")
+                raise RuntimeError(f"server exited with {self.process.returncode} "
+                                   f"({self.last_log_line()}); see {self.log_path}")
             try:
                 if http_json(self.url + "/health_generate", timeout=5)[0] == 200:
                     return self
             except OSError:
                 pass
+            if self.progress_s and time.time() >= next_report:
+                print(f"  {time.time() - start:4.0f} s  {self.last_log_line()[:110]}", flush=True)
+                next_report += self.progress_s
             time.sleep(2)
         self.__exit__()
         raise TimeoutError(f"server not ready after {self.wait_s} s; see {self.log_path}")
@@ -138,6 +149,13 @@ class Server:
 
     def server_info(self) -> dict:
         return http_json(self.url + "/get_server_info")[1]
+
+    def last_log_line(self) -> str:
+        """The last non-empty line of the server log ("" before the first)."""
+        with open(self.log_path, "rb") as f:
+            f.seek(max(0, os.path.getsize(self.log_path) - 4096))
+            lines = f.read().decode(errors="replace").splitlines()
+        return next((line.strip() for line in reversed(lines) if line.strip()), "")
 
 
 def bench_serving(server: Server, tokenizer: str, args: List[str], log_path: str) -> Tuple[int, Optional[dict]]:
