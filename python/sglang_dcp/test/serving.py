@@ -151,11 +151,12 @@ class Server:
         return http_json(self.url + "/get_server_info")[1]
 
     def last_log_line(self) -> str:
-        """The last non-empty line of the server log ("" before the first)."""
+        """The last complete non-empty line among the log's final 64 KiB ("(no log yet)" if none)."""
+        size = os.path.getsize(self.log_path)
         with open(self.log_path, "rb") as f:
-            f.seek(max(0, os.path.getsize(self.log_path) - 4096))
-            lines = f.read().decode(errors="replace").splitlines()
-        return next((line.strip() for line in reversed(lines) if line.strip()), "")
+            f.seek(max(0, size - 65536))
+            lines = f.read().decode(errors="replace").splitlines()[1 if size > 65536 else 0:]
+        return next((line.strip() for line in reversed(lines) if line.strip()), "(no log yet)")
 
 
 def bench_serving(server: Server, tokenizer: str, args: List[str], log_path: str) -> Tuple[int, Optional[dict]]:
