@@ -1,12 +1,10 @@
 # sglang-dcp: one-command set-up on a fresh machine (Python 3.10+, PyPI reachable).
-#   make demo   CPU: serve a GQA model at tp=2 with and without DCP, print capacity + agreement
+#   make demo   CPU: serve SmolLM2-135M-Instruct at tp=6 with and without DCP, print both answers
+#               side by side and the KV capacity of each
 #   make test   the test suite (unit + CPU end-to-end; GPU tests skip without a GPU)
 PYTHON ?= python3
 VENV ?= .venv
-GSM8K_PATH ?= ../shared/data/gsm8k_test.jsonl
-# SGLang on CPU (see README): CPU engine, no NCCL, no torch.compile, one thread per rank
-CPU_ENV = SGLANG_USE_CPU_ENGINE=1 SGLANG_NCCL_SO_PATH=/nonexistent/libnccl.so.2 \
-          TORCHDYNAMO_DISABLE=1 OMP_NUM_THREADS=1
+GSM8K_PATH ?= data/gsm8k_test_200.jsonl
 
 .PHONY: install test demo clean
 
@@ -24,7 +22,7 @@ test: install
 	GSM8K_PATH=$(abspath $(GSM8K_PATH)) $(VENV)/bin/python -m pytest -v -p no:cacheprovider test/srt
 
 demo: install
-	$(CPU_ENV) $(VENV)/bin/python benchmark/dcp/demo.py --device cpu --tp 2 --dcp 2
+	$(VENV)/bin/python benchmark/dcp/demo.py
 
 clean:
 	rm -rf $(VENV) .models build python/*.egg-info

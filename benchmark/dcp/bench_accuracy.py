@@ -2,7 +2,9 @@
 against a server at ``--tp`` with ``--dcp-size 1`` and with ``--dcp-size D``, on the padded
 SmolLM2-135M-Instruct (12 query heads, 3 KV heads; tp=6 puts each KV head on 2 ranks).
 
-    python benchmark/dcp/bench_accuracy.py --gsm8k-path PATH [--num-questions 100] [--device cpu]
+    python benchmark/dcp/bench_accuracy.py [--gsm8k-path PATH] [--num-questions 100] [--device cpu]
+
+``--gsm8k-path`` defaults to ``GSM8K_PATH`` or the repository's ``data/gsm8k_test_200.jsonl``.
 
 Reports the accuracy of each run and the fraction of questions whose generated answer text
 is identical (goal: 100%). Writes ``accuracy.json`` to ``--out``.
@@ -16,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 
+from sglang_dcp.test.gsm8k import gsm8k_path
 from sglang_dcp.test.models import build_padded_smollm2
 from sglang_dcp.test.serving import Server, device_server_args
 
@@ -51,7 +54,7 @@ def run_gsm8k(args, model, dcp_size, work):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--gsm8k-path", required=True)
+    parser.add_argument("--gsm8k-path", default=gsm8k_path())
     parser.add_argument("--num-questions", type=int, default=100)
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--parallel", type=int, default=32)

@@ -7,7 +7,7 @@ HTTP server and ``python -m sglang.bench_serving`` (random token ids, fixed leng
 The model is a dummy-weight dense Qwen3 proxy with the per-rank attention shape of the
 upstream PR's headline setting (Qwen3-235B-A22B at TP8: 8 query heads and 1 KV head per rank,
 head_dim 128): ``8 * tp`` query heads and ``tp / dcp`` KV heads, hidden 2048, 24 layers,
-intermediate 6144, vocab 32000 (the proxy of ../shared/notes/gpu-anchors.md at TP2). The KV
+intermediate 6144, vocab 32000 (at TP2: 16 query heads, 1 KV head). The KV
 budget is ``--kv-rows`` physical tokens per rank for both runs, to mimic a large model whose
 weights leave little room for KV. Each configuration runs on one server; per throughput
 point the server log gives the most requests it held at once (``#running-req``).

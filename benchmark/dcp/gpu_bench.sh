@@ -14,8 +14,8 @@
 #              communication time left over against the attention stage's result of this call
 #              or else the one in benchmark/dcp/results
 #   upstream   the serving benchmarks (batch 1 and the sweep, DCP only) on upstream SGLang 0.5.16's
-#              own DCP (Triton backend): installs .device-0.5.16 (built by
-#              SGLANG_VERSION=0.5.16 bash ../shared/device/make_bundle.sh) into /tmp/site-0.5.16
+#              own DCP (Triton backend): installs .device-0.5.16 (an offline bundle of the
+#              SGLang 0.5.16 wheels, like .device) into /tmp/site-0.5.16
 #   summary    the stage table ($OUT/gpu_bench.json) and the logs ($OUT/gpu_bench_logs.tgz)
 #
 # SWEEP_EXTRA: more bench_serving_sweep.py arguments for serving and upstream (e.g. a shorter

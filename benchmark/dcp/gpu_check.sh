@@ -8,8 +8,9 @@
 #
 #   bash benchmark/dcp/gpu_check.sh install kernels+e2e-moe e2e-tp2+e2e-llama e2e-tp4 http summary
 #
-#   install  the offline SGLang 0.5.14 bundle (.device, built by ../shared/device/make_bundle.sh)
-#            into /tmp/site if missing, then this package, without network
+#   install  an offline SGLang 0.5.14 bundle (.device: the SGLang, sgl-kernel and FlashInfer
+#            wheels with their install.sh, for a GPU machine without network) into /tmp/site
+#            if missing, then this package, without network
 #   kernels  test/srt/gpu/test_gpu_kernels.py: Triton merge + index kernels, DCP partial
 #            attention + merge against float64 full attention (D = 2, 4); test_gpu_allocator.py:
 #            SGLang's allocator kernels under DCP, logical pages that are not a power of two

@@ -1,4 +1,4 @@
-"""Without a CUDA GPU, run SGLang on CPU (see ../shared/notes/sglang-on-cpu.md)."""
+"""Without a CUDA GPU, run SGLang on CPU (the environment of ``sglang_dcp.test.cpu_env``)."""
 
 import torch
 

