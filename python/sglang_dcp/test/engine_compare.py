@@ -20,8 +20,7 @@ import random
 import subprocess
 import sys
 import tempfile
-import threading
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -51,19 +50,22 @@ class RequestResult:
 
 @dataclasses.dataclass
 class SchedulerCounts:
-    """Counts from SGLang's scheduler metrics over one engine's life.
+    """What SGLang's scheduler did over one engine's life.
 
     With ``enable_metrics``: requests retracted and tokens evicted from the radix cache,
-    SGLang's Prometheus counters of the TP-rank-0 scheduler. With
-    ``enable_forward_pass_metrics``: forward passes, and mixed ones (prefill and decode
-    requests in one pass, ``enable_mixed_chunk``), from the per-pass messages of the
-    TP-rank-0 scheduler.
+    SGLang's Prometheus counters of the TP-rank-0 scheduler. For a scenario with a batch
+    sent ``while_previous_decodes``: the fewest tokens that a request sent before the last
+    such batch streamed while that batch prefilled (from sending it to the first token of
+    each of its requests). SGLang runs a chunked prefill without decode steps unless it
+    mixes them into its chunks (``enable_mixed_chunk``), so only mixed batches make this
+    more than the few steps before the scheduler takes the batch in. (SGLang's per-pass
+    metrics, ``enable_forward_pass_metrics``, would say it directly but time passes with
+    CUDA events.)
     """
 
     retracted_requests: int = 0
     evicted_tokens: int = 0
-    forward_passes: int = 0
-    mixed_passes: int = 0
+    decoded_while_prefilling: int = 0
 
 
 @dataclasses.dataclass
@@ -141,52 +143,6 @@ def read_prometheus_counters(path: str, counts: SchedulerCounts) -> None:
                     setattr(counts, field, getattr(counts, field) + int(sample.value))
 
 
-class ForwardPassListener:
-    """Subscribes to SGLang's per-forward-pass metrics (``enable_forward_pass_metrics``,
-    published by the TP-rank-0 scheduler on ``<forward_pass_metrics_ipc_name>.0``) and
-    counts passes, and mixed passes: both prefill and decode requests scheduled. The
-    publisher sends an all-zero heartbeat when idle for 1 s: the first one says the
-    subscription is live, one received at ``close`` that every pass before it was counted."""
-
-    def __init__(self, ipc_name: str, counts: SchedulerCounts):
-        import zmq
-
-        self.counts = counts
-        self.context = zmq.Context()
-        self.socket = self.context.socket(zmq.SUB)
-        self.socket.setsockopt(zmq.SUBSCRIBE, b"")
-        self.socket.connect(f"{ipc_name}.0")
-        self.heartbeat = threading.Event()
-        self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._listen, daemon=True)
-        self.thread.start()
-        if not self.heartbeat.wait(timeout=60):
-            raise TimeoutError(f"no forward-pass metrics on {ipc_name}.0")
-
-    def _listen(self) -> None:
-        from sglang.srt.observability.forward_pass_metrics import decode
-
-        while not self.stopped.is_set():
-            if not self.socket.poll(timeout=100):
-                continue
-            scheduled = decode(self.socket.recv_multipart()[-1]).scheduled_requests
-            if scheduled.num_prefill_requests or scheduled.num_decode_requests:
-                self.counts.forward_passes += 1
-                self.counts.mixed_passes += bool(
-                    scheduled.num_prefill_requests and scheduled.num_decode_requests
-                )
-            else:
-                self.heartbeat.set()
-
-    def close(self) -> None:
-        self.heartbeat.clear()
-        self.heartbeat.wait(timeout=60)
-        self.stopped.set()
-        self.thread.join()
-        self.socket.close(linger=0)
-        self.context.term()
-
-
 def request_result(out: Dict, batch: Batch) -> RequestResult:
     meta = out["meta_info"]
     logprobs = meta.get("output_token_logprobs") or []
@@ -206,66 +162,69 @@ def logprob_args(batch: Batch) -> Dict:
     return dict(return_logprob=True, top_logprobs_num=5) if batch.return_logprob else {}
 
 
-async def generate_overlapping(engine, batches: List[Batch]) -> List[Dict]:
+async def generate_overlapping(engine, batches: List[Batch]) -> Tuple[List[Dict], int]:
     """Send ``batches[0]``, then each later batch once every request sent before it has
     streamed a token; one streaming request per prompt. Returns the last (cumulative)
-    output of each request, in order."""
-    first_token = []
+    output of each request, in order, and ``SchedulerCounts.decoded_while_prefilling``."""
+    first_token, streamed = [], []  # per request: an event, the tokens streamed so far
 
-    async def one(input_ids, batch, started: asyncio.Event):
+    async def one(index, input_ids, batch):
         last = None
         try:
             async for last in await engine.async_generate(
                 input_ids=input_ids, sampling_params=batch.sampling_params, stream=True,
                 **logprob_args(batch),
             ):
-                started.set()
+                streamed[index] = len(last["output_ids"])
+                first_token[index].set()
         finally:
-            started.set()  # a failed request must not hold back the batches after it
+            first_token[index].set()  # a failed request must not hold back the batches after it
         return last
 
     tasks = []
     for batch in batches:
         await asyncio.gather(*(event.wait() for event in first_token))
+        streamed_before = list(streamed)
         for input_ids in batch.input_ids:
             first_token.append(asyncio.Event())
-            tasks.append(asyncio.create_task(one(input_ids, batch, first_token[-1])))
-    return await asyncio.gather(*tasks)
+            streamed.append(0)
+            tasks.append(asyncio.create_task(one(len(tasks), input_ids, batch)))
+    await asyncio.gather(*(event.wait() for event in first_token))
+    decoded = min(now - before for now, before in zip(streamed, streamed_before))
+    return await asyncio.gather(*tasks), decoded
 
 
 def run_engine(model_path: str, scenario: List[Batch], **engine_kwargs) -> EngineRun:
     import sglang
 
     counts = SchedulerCounts()
-    with contextlib.ExitStack() as stack:
-        metrics_dir = stack.enter_context(prometheus_dir(engine_kwargs.get("enable_metrics", False)))
-        if engine_kwargs.get("enable_forward_pass_metrics"):
-            ipc_dir = stack.enter_context(tempfile.TemporaryDirectory())
-            engine_kwargs["forward_pass_metrics_ipc_name"] = f"ipc://{ipc_dir}/forward_pass"
+    with prometheus_dir(engine_kwargs.get("enable_metrics", False)) as metrics_dir:
         engine = sglang.Engine(model_path=model_path, **engine_kwargs)
-        stack.callback(engine.shutdown)
-        if engine_kwargs.get("enable_forward_pass_metrics"):
-            stack.callback(ForwardPassListener(engine_kwargs["forward_pass_metrics_ipc_name"], counts).close)
-        capacity = engine.get_server_info()["max_total_num_tokens"]
-        results = []
-        waves = []  # batches sent together: one, and those marked while_previous_decodes
-        for batch in scenario:
-            if batch.while_previous_decodes and waves:
-                waves[-1].append(batch)
-            else:
-                waves.append([batch])
-        for wave in waves:
-            if len(wave) == 1:
-                outputs = engine.generate(
-                    input_ids=wave[0].input_ids, sampling_params=wave[0].sampling_params,
-                    **logprob_args(wave[0]),
-                )
-            else:
-                outputs = engine.loop.run_until_complete(generate_overlapping(engine, wave))
-            requests = [batch for batch in wave for _ in batch.input_ids]
-            results += [request_result(out, batch) for out, batch in zip(outputs, requests, strict=True)]
-        if metrics_dir is not None:
-            read_prometheus_counters(metrics_dir, counts)
+        try:
+            capacity = engine.get_server_info()["max_total_num_tokens"]
+            results = []
+            waves = []  # batches sent together: one, and those marked while_previous_decodes
+            for batch in scenario:
+                if batch.while_previous_decodes and waves:
+                    waves[-1].append(batch)
+                else:
+                    waves.append([batch])
+            for wave in waves:
+                if len(wave) == 1:
+                    outputs = engine.generate(
+                        input_ids=wave[0].input_ids, sampling_params=wave[0].sampling_params,
+                        **logprob_args(wave[0]),
+                    )
+                else:
+                    outputs, counts.decoded_while_prefilling = engine.loop.run_until_complete(
+                        generate_overlapping(engine, wave)
+                    )
+                requests = [batch for batch in wave for _ in batch.input_ids]
+                results += [request_result(out, batch) for out, batch in zip(outputs, requests, strict=True)]
+            if metrics_dir is not None:
+                read_prometheus_counters(metrics_dir, counts)
+        finally:
+            engine.shutdown()
     return EngineRun(capacity, results, counts)
 
 
