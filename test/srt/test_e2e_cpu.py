@@ -1,12 +1,12 @@
 """End to end on CPU: real SGLang engines (torch_native + gloo), dcp=1 against dcp>1.
 
 ``--dcp-size 1`` must leave SGLang bit-identical: same tokens and logprobs as SGLang
-without the plugin. The DCP cases cover Qwen3 (tp2 with 1 KV head, tp4 with 2), Llama, Qwen2
-and Qwen3-MoE (tp2). Each DCP case runs one scenario (mixed prompt lengths in one batch, a prompt longer than the
-chunked-prefill size, radix-cache prefix hits, seeded sampling) through an engine without
-DCP and one with DCP on the same float32 random weights, and requires identical tokens,
-top-5 logprobs within ``LOGPROB_TOL`` and exactly D times the logical KV capacity at the
-same memory settings.
+without the plugin. The DCP cases cover Qwen3 (tp2 with 1 KV head, tp4 with 2), D = 4
+(Qwen3 at tp4 with 1 KV head), Llama, Qwen2 and Qwen3-MoE (tp2). Each DCP case runs one
+scenario (mixed prompt lengths in one batch, a prompt longer than the chunked-prefill size,
+radix-cache prefix hits, seeded sampling) through an engine without DCP and one with DCP on
+the same float32 random weights, and requires identical tokens, top-5 logprobs within
+``LOGPROB_TOL`` and exactly D times the logical KV capacity at the same memory settings.
 """
 
 import json
@@ -55,11 +55,13 @@ def cpu_engine_kwargs(tp_size: int) -> dict:
     [
         (2, 2, 4, 1, "Qwen3ForCausalLM"),
         (4, 2, 8, 2, "Qwen3ForCausalLM"),
+        (4, 4, 8, 1, "Qwen3ForCausalLM"),
         (2, 2, 4, 1, "LlamaForCausalLM"),
         (2, 2, 4, 1, "Qwen2ForCausalLM"),
         (2, 2, 4, 1, "Qwen3MoeForCausalLM"),
     ],
-    ids=["tp2-dcp2-kv1", "tp4-dcp2-kv2", "tp2-dcp2-llama", "tp2-dcp2-qwen2", "tp2-dcp2-qwen3moe"],
+    ids=["tp2-dcp2-kv1", "tp4-dcp2-kv2", "tp4-dcp4-kv1", "tp2-dcp2-llama", "tp2-dcp2-qwen2",
+         "tp2-dcp2-qwen3moe"],
 )
 def test_dcp_matches_tp(tmp_path, tp_size, dcp_size, num_heads, num_kv_heads, architecture):
     model = write_random_gqa_model(

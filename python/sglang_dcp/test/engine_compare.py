@@ -2,11 +2,17 @@
 
 Used by the CPU end-to-end tests and by the GPU check script. A *scenario* is a list of
 request batches sent one after another to one engine (so later batches can hit the radix
-cache of earlier ones); ``run_engine`` returns the logical KV capacity and, per request,
-the output ids, the output-token logprobs and the top-5 logprobs with their token ids.
+cache of earlier ones), or, marked ``while_previous_decodes``, while the batch before it
+decodes. ``run_engine`` returns the logical KV capacity, per request the output ids, the
+output-token logprobs and the top-5 logprobs with their token ids, how often the scheduler
+retracted it and how many of its prompt tokens came from the radix cache, and, where asked
+for, counts from SGLang's own scheduler metrics (``SchedulerCounts``).
 """
 
+import asyncio
+import contextlib
 import dataclasses
+import glob
 import json
 import math
 import os
@@ -14,7 +20,7 @@ import random
 import subprocess
 import sys
 import tempfile
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -23,6 +29,12 @@ import numpy as np
 class Batch:
     input_ids: List[List[int]]
     sampling_params: Dict
+    # Sent once every request of the batches before it (since the last batch without this
+    # flag) has streamed a token, i.e. while they decode, instead of after they finish.
+    while_previous_decodes: bool = False
+    # SGLang 0.5.14 never mixes a prefill that returns logprobs, or decodes that do, into one
+    # batch (Scheduler.get_new_batch_prefill): a mixed-chunk scenario asks for none.
+    return_logprob: bool = True
 
 
 @dataclasses.dataclass
@@ -32,12 +44,35 @@ class RequestResult:
     top_logprobs: List[List[float]]  # per position, the 5 best logprobs (descending)
     top_ids: List[List[int]]  # their token ids
     greedy: bool  # temperature 0
+    num_retractions: int = 0  # times the scheduler retracted it (decode out of KV memory)
+    cached_tokens: int = 0  # prompt tokens found in the radix cache
+
+
+@dataclasses.dataclass
+class SchedulerCounts:
+    """What SGLang's scheduler did over one engine's life.
+
+    With ``enable_metrics``: requests retracted and tokens evicted from the radix cache,
+    SGLang's Prometheus counters of the TP-rank-0 scheduler. For a scenario with a batch
+    sent ``while_previous_decodes``: the fewest tokens that a request sent before the last
+    such batch streamed while that batch prefilled (from sending it to the first token of
+    each of its requests). SGLang runs a chunked prefill without decode steps unless it
+    mixes them into its chunks (``enable_mixed_chunk``), so only mixed batches make this
+    more than the few steps before the scheduler takes the batch in. (SGLang's per-pass
+    metrics, ``enable_forward_pass_metrics``, would say it directly but time passes with
+    CUDA events.)
+    """
+
+    retracted_requests: int = 0
+    evicted_tokens: int = 0
+    decoded_while_prefilling: int = 0
 
 
 @dataclasses.dataclass
 class EngineRun:
     capacity: int
     results: List[RequestResult]
+    counts: SchedulerCounts = dataclasses.field(default_factory=SchedulerCounts)
 
 
 def random_ids(rng: random.Random, length: int, vocab_size: int) -> List[int]:
@@ -66,34 +101,131 @@ def mixed_scenario(
     ]
 
 
+# Prometheus counters (names as sampled) -> SchedulerCounts fields
+_PROMETHEUS_COUNTERS = {
+    "sglang:num_retracted_requests_total": "retracted_requests",
+    "sglang:evicted_tokens_total": "evicted_tokens",
+}
+
+
+@contextlib.contextmanager
+def prometheus_dir(enabled: bool):
+    """A fresh ``PROMETHEUS_MULTIPROC_DIR`` for the engine started inside (SGLang creates
+    its own only if none is set), so its counters are those of this engine alone."""
+    if not enabled:
+        yield None
+        return
+    previous = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    with tempfile.TemporaryDirectory() as path:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+        try:
+            yield path
+        finally:
+            if previous is None:
+                os.environ.pop("PROMETHEUS_MULTIPROC_DIR")
+            else:
+                os.environ["PROMETHEUS_MULTIPROC_DIR"] = previous
+
+
+def read_prometheus_counters(path: str, counts: SchedulerCounts) -> None:
+    """Add the counters of the TP-rank-0 scheduler to ``counts``. Every scheduler process
+    writes its own counter file and counts the same events (the TP ranks schedule the same
+    batches, each with its own copy of the radix cache); the rank-0 file is the one whose
+    scheduler metrics are labelled ``tp_rank="0"``."""
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    for file in glob.glob(os.path.join(path, "counter_*.db")):
+        samples = [s for metric in MultiProcessCollector.merge([file]) for s in metric.samples]
+        if any(s.labels.get("tp_rank") == "0" for s in samples):
+            for sample in samples:
+                if sample.name in _PROMETHEUS_COUNTERS:
+                    field = _PROMETHEUS_COUNTERS[sample.name]
+                    setattr(counts, field, getattr(counts, field) + int(sample.value))
+
+
+def request_result(out: Dict, batch: Batch) -> RequestResult:
+    meta = out["meta_info"]
+    logprobs = meta.get("output_token_logprobs") or []
+    tops = meta.get("output_top_logprobs") or []
+    return RequestResult(
+        output_ids=list(out["output_ids"]),
+        token_logprobs=[lp for lp, _, _ in logprobs],
+        top_logprobs=[[lp for lp, _, _ in top] for top in tops],
+        top_ids=[[tid for _, tid, _ in top] for top in tops],
+        greedy=batch.sampling_params.get("temperature", 1.0) == 0.0,
+        num_retractions=meta["num_retractions"],
+        cached_tokens=meta["cached_tokens"],
+    )
+
+
+def logprob_args(batch: Batch) -> Dict:
+    return dict(return_logprob=True, top_logprobs_num=5) if batch.return_logprob else {}
+
+
+async def generate_overlapping(engine, batches: List[Batch]) -> Tuple[List[Dict], int]:
+    """Send ``batches[0]``, then each later batch once every request sent before it has
+    streamed a token; one streaming request per prompt. Returns the last (cumulative)
+    output of each request, in order, and ``SchedulerCounts.decoded_while_prefilling``."""
+    first_token, streamed = [], []  # per request: an event, the tokens streamed so far
+
+    async def one(index, input_ids, batch):
+        last = None
+        try:
+            async for last in await engine.async_generate(
+                input_ids=input_ids, sampling_params=batch.sampling_params, stream=True,
+                **logprob_args(batch),
+            ):
+                streamed[index] = len(last["output_ids"])
+                first_token[index].set()
+        finally:
+            first_token[index].set()  # a failed request must not hold back the batches after it
+        return last
+
+    tasks = []
+    for batch in batches:
+        await asyncio.gather(*(event.wait() for event in first_token))
+        streamed_before = list(streamed)
+        for input_ids in batch.input_ids:
+            first_token.append(asyncio.Event())
+            streamed.append(0)
+            tasks.append(asyncio.create_task(one(len(tasks), input_ids, batch)))
+    await asyncio.gather(*(event.wait() for event in first_token))
+    decoded = min(now - before for now, before in zip(streamed, streamed_before))
+    return await asyncio.gather(*tasks), decoded
+
+
 def run_engine(model_path: str, scenario: List[Batch], **engine_kwargs) -> EngineRun:
     import sglang
 
-    engine = sglang.Engine(model_path=model_path, **engine_kwargs)
-    try:
-        capacity = engine.get_server_info()["max_total_num_tokens"]
-        results = []
-        for batch in scenario:
-            outputs = engine.generate(
-                input_ids=batch.input_ids,
-                sampling_params=batch.sampling_params,
-                return_logprob=True,
-                top_logprobs_num=5,
-            )
-            for out in outputs:
-                meta = out["meta_info"]
-                results.append(
-                    RequestResult(
-                        output_ids=list(out["output_ids"]),
-                        token_logprobs=[lp for lp, _, _ in meta["output_token_logprobs"]],
-                        top_logprobs=[[lp for lp, _, _ in top] for top in meta["output_top_logprobs"]],
-                        top_ids=[[tid for _, tid, _ in top] for top in meta["output_top_logprobs"]],
-                        greedy=batch.sampling_params.get("temperature", 1.0) == 0.0,
+    counts = SchedulerCounts()
+    with prometheus_dir(engine_kwargs.get("enable_metrics", False)) as metrics_dir:
+        engine = sglang.Engine(model_path=model_path, **engine_kwargs)
+        try:
+            capacity = engine.get_server_info()["max_total_num_tokens"]
+            results = []
+            waves = []  # batches sent together: one, and those marked while_previous_decodes
+            for batch in scenario:
+                if batch.while_previous_decodes and waves:
+                    waves[-1].append(batch)
+                else:
+                    waves.append([batch])
+            for wave in waves:
+                if len(wave) == 1:
+                    outputs = engine.generate(
+                        input_ids=wave[0].input_ids, sampling_params=wave[0].sampling_params,
+                        **logprob_args(wave[0]),
                     )
-                )
-    finally:
-        engine.shutdown()
-    return EngineRun(capacity, results)
+                else:
+                    outputs, counts.decoded_while_prefilling = engine.loop.run_until_complete(
+                        generate_overlapping(engine, wave)
+                    )
+                requests = [batch for batch in wave for _ in batch.input_ids]
+                results += [request_result(out, batch) for out, batch in zip(outputs, requests, strict=True)]
+            if metrics_dir is not None:
+                read_prometheus_counters(metrics_dir, counts)
+        finally:
+            engine.shutdown()
+    return EngineRun(capacity, results, counts)
 
 
 def run_engine_isolated(
@@ -110,7 +242,9 @@ def run_engine_isolated(
                        env={**os.environ, **(env or {})}, check=True)
         with open(out_path) as f:
             run = json.load(f)
-    return EngineRun(run["capacity"], [RequestResult(**r) for r in run["results"]])
+    return EngineRun(
+        run["capacity"], [RequestResult(**r) for r in run["results"]], SchedulerCounts(**run["counts"])
+    )
 
 
 @dataclasses.dataclass
@@ -129,6 +263,8 @@ class Agreement:
 
 
 def divergence_gap(ref: RequestResult, position: int, token: int) -> float:
+    if position >= len(ref.top_ids):  # run without logprobs
+        return math.inf
     top_ids, top_logprobs = ref.top_ids[position], ref.top_logprobs[position]
     if token not in top_ids:
         return math.inf
