@@ -48,6 +48,17 @@ def _pack_by_owner_kernel(
 
 
 @triton.jit
+def _lse_max_and_total(lse_ptr, rank_stride, row, NUM_RANKS: tl.constexpr, RANKS_P2: tl.constexpr):
+    """Over the ranks' base-2 ``lse_c`` at ``lse_ptr + c * rank_stride + row``: ``m`` = their
+    max (0 if every one is ``-inf``) and ``sum_c 2^(lse_c - m)`` (0 if every one is ``-inf``)."""
+    ranks = tl.arange(0, RANKS_P2)
+    lse = tl.load(lse_ptr + ranks * rank_stride + row, mask=ranks < NUM_RANKS, other=-float("inf"))
+    lse_max = tl.max(lse, axis=0)
+    finite_max = tl.where(lse_max == -float("inf"), 0.0, lse_max)
+    return finite_max, tl.sum(tl.exp2(lse - finite_max), axis=0)
+
+
+@triton.jit
 def _merge_packed_kernel(
     buf_o_ptr,
     buf_lse_ptr,
@@ -61,11 +72,7 @@ def _merge_packed_kernel(
     BLOCK_D: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # t * Hq + j
-    ranks = tl.arange(0, RANKS_P2)
-    lse = tl.load(buf_lse_ptr + ranks * buf_lse_chunk_stride + row, mask=ranks < NUM_RANKS, other=-float("inf"))
-    lse_max = tl.max(lse, axis=0)
-    finite_max = tl.where(lse_max == -float("inf"), 0.0, lse_max)
-    total = tl.sum(tl.exp2(lse - finite_max), axis=0)
+    finite_max, total = _lse_max_and_total(buf_lse_ptr, buf_lse_chunk_stride, row, NUM_RANKS, RANKS_P2)
     tl.store(lse_out_ptr + row, finite_max + tl.log2(total))
     dims = tl.arange(0, BLOCK_D)
     in_dim = dims < head_dim
@@ -124,11 +131,7 @@ def _scale_by_lse_kernel(
     BLOCK_D: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # t * H + h
-    ranks = tl.arange(0, RANKS_P2)
-    lse = tl.load(lse_all_ptr + ranks * num_rows + row, mask=ranks < NUM_RANKS, other=-float("inf"))
-    lse_max = tl.max(lse, axis=0)
-    finite_max = tl.where(lse_max == -float("inf"), 0.0, lse_max)
-    total = tl.sum(tl.exp2(lse - finite_max), axis=0)
+    finite_max, total = _lse_max_and_total(lse_all_ptr, num_rows, row, NUM_RANKS, RANKS_P2)
     lse_r = tl.load(lse_all_ptr + rank * num_rows + row)
     weight = tl.where(total > 0.0, tl.exp2(lse_r - finite_max) / total, 0.0)
     dims = tl.arange(0, BLOCK_D)
