@@ -2,7 +2,7 @@
 
 ``--dcp-size 1`` must leave SGLang bit-identical: same tokens and logprobs as SGLang
 without the plugin. The DCP cases cover Qwen3 (tp2 with 1 KV head, tp4 with 2), Llama, Qwen2
-and Qwen3-MoE (tp2). Each DCP case runs one scenario (mixed prompt lengths in one batch, a prompt longer than the
+and Qwen3-MoE (tp2), each with ``--dcp-comm`` a2a and lse. Each DCP case runs one scenario (mixed prompt lengths in one batch, a prompt longer than the
 chunked-prefill size, radix-cache prefix hits, seeded sampling) through an engine without
 DCP and one with DCP on the same float32 random weights, and requires identical tokens,
 top-5 logprobs within ``LOGPROB_TOL`` and exactly D times the logical KV capacity at the
@@ -50,6 +50,13 @@ def cpu_engine_kwargs(tp_size: int) -> dict:
     )
 
 
+@pytest.fixture(scope="module")
+def reference_runs():
+    """The dcp 1 run of each model, shared by its a2a and lse cases: case -> (model, run)."""
+    return {}
+
+
+@pytest.mark.parametrize("dcp_comm", ["a2a", "lse"])
 @pytest.mark.parametrize(
     "tp_size,dcp_size,num_heads,num_kv_heads,architecture",
     [
@@ -61,22 +68,35 @@ def cpu_engine_kwargs(tp_size: int) -> dict:
     ],
     ids=["tp2-dcp2-kv1", "tp4-dcp2-kv2", "tp2-dcp2-llama", "tp2-dcp2-qwen2", "tp2-dcp2-qwen3moe"],
 )
-def test_dcp_matches_tp(tmp_path, tp_size, dcp_size, num_heads, num_kv_heads, architecture):
-    model = write_random_gqa_model(
-        str(tmp_path / "model"),
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
-        vocab_size=VOCAB_SIZE,
-        architecture=architecture,
-    )
+def test_dcp_matches_tp(
+    tmp_path_factory, reference_runs, capfd, tp_size, dcp_size, num_heads, num_kv_heads,
+    architecture, dcp_comm,
+):
+    """``dcp_comm`` lse must take the group's heads (its start-up log line), not fall back."""
     scenario = mixed_scenario(VOCAB_SIZE, PROMPT_LENGTHS, max_new_tokens=16)
     kwargs = cpu_engine_kwargs(tp_size)
-    reference = run_engine(model, scenario, dcp_size=1, **kwargs)
-    candidate = run_engine(model, scenario, dcp_size=dcp_size, **kwargs)
+    case = (tp_size, num_heads, num_kv_heads, architecture)
+    if case not in reference_runs:
+        model = write_random_gqa_model(
+            str(tmp_path_factory.mktemp("model")),
+            num_attention_heads=num_heads,
+            num_key_value_heads=num_kv_heads,
+            vocab_size=VOCAB_SIZE,
+            architecture=architecture,
+        )
+        reference_runs[case] = (model, run_engine(model, scenario, dcp_size=1, **kwargs))
+    model, reference = reference_runs[case]
+    capfd.readouterr()
+    candidate = run_engine(
+        model, scenario, dcp_size=dcp_size, dcp_comm=dcp_comm, **{**kwargs, "log_level": "info"}
+    )
+    if dcp_comm == "lse":
+        heads_line = f"compute the {num_heads // tp_size * dcp_size} query heads of their DCP group"
+        assert heads_line in capfd.readouterr().err
 
     assert candidate.capacity == dcp_size * reference.capacity
     agreement = compare(reference, candidate)
-    print(f"capacity {reference.capacity} -> {candidate.capacity}; {agreement}")
+    print(f"{dcp_comm}: capacity {reference.capacity} -> {candidate.capacity}; {agreement}")
     assert agreement.identical_requests == agreement.num_requests, agreement
     assert agreement.max_logprob_diff < LOGPROB_TOL, agreement
 
