@@ -50,10 +50,14 @@ def cpu_engine_kwargs(tp_size: int) -> dict:
     )
 
 
-@pytest.fixture(scope="module")
-def reference_runs():
-    """The dcp 1 run of each model, shared by its a2a and lse cases: case -> (model, run)."""
-    return {}
+def run_dcp(model, scenario, capfd, dcp_comm, group_heads, **kwargs):
+    """``run_engine`` with ``dcp_comm`` at log level info; with lse, its start-up line must
+    say that every layer took its group's ``group_heads`` query heads (no fallback to a2a)."""
+    capfd.readouterr()
+    run = run_engine(model, scenario, dcp_comm=dcp_comm, **{**kwargs, "log_level": "info"})
+    if dcp_comm == "lse":
+        assert f"compute the {group_heads} query heads of their DCP group" in capfd.readouterr().err
+    return run
 
 
 @pytest.mark.parametrize("dcp_comm", ["a2a", "lse"])
@@ -72,7 +76,6 @@ def test_dcp_matches_tp(
     tmp_path_factory, reference_runs, capfd, tp_size, dcp_size, num_heads, num_kv_heads,
     architecture, dcp_comm,
 ):
-    """``dcp_comm`` lse must take the group's heads (its start-up log line), not fall back."""
     scenario = mixed_scenario(VOCAB_SIZE, PROMPT_LENGTHS, max_new_tokens=16)
     kwargs = cpu_engine_kwargs(tp_size)
     case = (tp_size, num_heads, num_kv_heads, architecture)
@@ -86,13 +89,8 @@ def test_dcp_matches_tp(
         )
         reference_runs[case] = (model, run_engine(model, scenario, dcp_size=1, **kwargs))
     model, reference = reference_runs[case]
-    capfd.readouterr()
-    candidate = run_engine(
-        model, scenario, dcp_size=dcp_size, dcp_comm=dcp_comm, **{**kwargs, "log_level": "info"}
-    )
-    if dcp_comm == "lse":
-        heads_line = f"compute the {num_heads // tp_size * dcp_size} query heads of their DCP group"
-        assert heads_line in capfd.readouterr().err
+    candidate = run_dcp(model, scenario, capfd, dcp_comm, num_heads // tp_size * dcp_size,
+                        dcp_size=dcp_size, **kwargs)
 
     assert candidate.capacity == dcp_size * reference.capacity
     agreement = compare(reference, candidate)
