@@ -1,4 +1,4 @@
-"""One layer's decode attention, plain TP against TP + DCP, each against its memory floor.
+"""One layer's decode attention, plain TP against TP + DCP (a2a and lse), each against its memory floor.
 
     python benchmark/dcp/bench_attention.py --dcp 2 [--batches 1,8,32,64,128,256]
         [--contexts 4096,16384,32768,65536,131072] [--out benchmark/dcp/results]
@@ -14,7 +14,12 @@ heads, ``Hkv = 1`` KV head, head_dim 128, bf16 (float32 on CPU). Every request o
 * ``dcp``: ``DCPAttnBackend.forward_decode`` without the KV write, on each of ``D`` ranks:
   ``all_gather_along_dim`` of Q over heads (``Hq -> D*Hq``), decode with LSE planned like
   ``FlashInferDCPAttnBackend`` over the ``C // D + (r < C % D)`` tokens rank ``r`` holds,
-  ``dcp_merge``.
+  ``dcp_merge`` (``--dcp-comm a2a``).
+* ``lse``: the same with ``--dcp-comm lse``: the rank's own ``D*Hq`` query heads (no Q
+  all-gather), decode with LSE as above, ``scale_by_group_lse`` (one all-gather of
+  ``B*D*Hq`` LSEs, the partials scaled). Not in the time: ``q_proj``/``o_proj`` over ``D``
+  times the heads (``D - 1`` extra weight reads per layer at batch 1), which the serving
+  sweep measures.
 
 Floors, with ``KV bytes/token = 2 (K and V) * Hkv * head_dim * elem_size`` and ``BW`` the HBM
 read bandwidth of a large sum (bytes read / time):
@@ -23,8 +28,8 @@ read bandwidth of a large sum (bytes read / time):
     dcp_floor = B * ceil(C / D) * KV bytes/token / BW + t_collective
 
 where ``t_collective`` is one small all-gather over the DCP group (Q at ``B = 1``) timed like a
-step, and ``ceil(C / D)`` is the share of rank 0, the largest. ratio = measured / floor (goal:
-dcp ratio <= 1.3 at B >= 32); speedup = tp time / dcp time.
+step, and ``ceil(C / D)`` is the share of rank 0, the largest (the same floor for lse).
+ratio = measured / floor (goal: dcp ratio <= 1.3 at B >= 32); speedup = tp time / dcp time.
 
 Timing. CUDA: the whole run is in SGLang's graph-capture mode (``graph_capture`` plus
 ``dcp_graph_capture``: a side stream, pynccl on for the TP and DCP groups, as in SGLang's decode
@@ -33,7 +38,7 @@ CUDA-graph runner); a CUDA graph of ``--steps-per-graph`` back-to-back steps is 
 eagerly with PyTorch partial attention (``attention_with_lse``), timed with ``perf_counter``.
 A time is the median over repeats per step, the slowest rank's. Once per run, at one small
 point with an uneven split, the DCP output must equal the tp kernel over all tokens (relative
-Frobenius error < 2e-2), else the run fails.
+Frobenius error < 2e-2), and so must the lse outputs summed over the group, else the run fails.
 
 Results: a table, ``bench_attention.json`` and ``bench_attention.png`` in ``--out``.
 """
@@ -72,7 +77,7 @@ from sglang_dcp.distributed.parallel_state import (
     get_dcp_group,
     initialize_dcp_group,
 )
-from sglang_dcp.layers.attention.merge import dcp_merge
+from sglang_dcp.layers.attention.merge import dcp_merge, scale_by_group_lse
 from sglang_dcp.layers.attention.torch_native_dcp_backend import (
     TorchNativeDCPAttnBackend,
     attention_with_lse,
@@ -186,6 +191,14 @@ def dcp_decode(rank: Rank, wrapper, q: torch.Tensor, kv) -> torch.Tensor:
     return dcp_merge(rank.group, o, lse, rank.lse_base, out_dtype=q.dtype)[0]
 
 
+def lse_decode(rank: Rank, wrapper, q_all: torch.Tensor, kv) -> torch.Tensor:
+    """``--dcp-comm lse`` decode without the KV write: ``q_all [B, D*Hq, d]`` (computed on
+    this rank) -> this rank's LSE-scaled partials ``[B, D*Hq, d]`` (summed by ``o_proj``'s
+    all-reduce)."""
+    o, lse = wrapper.forward_return_lse(q_all, kv, sm_scale=SM_SCALE)
+    return scale_by_group_lse(rank.group, o, lse, rank.lse_base, out_dtype=q_all.dtype)
+
+
 def max_over_ranks(value: float) -> float:
     tensor = torch.tensor([value], dtype=torch.float64)
     torch.distributed.all_reduce(
@@ -252,7 +265,8 @@ def measure_collective(rank: Rank) -> float:
 
 def check_correctness(rank: Rank) -> dict:
     """At ``CHECK_POINT``, rank ``r`` holds positions ``r, r + D, ...`` of every request; its
-    DCP output must equal the tp kernel over all tokens for its own heads."""
+    DCP output must equal the tp kernel over all tokens for its own heads, and the group's
+    sum of lse outputs the tp kernel for all ``D*Hq`` heads."""
     batch, context = CHECK_POINT
     dcp_size, dcp_rank = rank.group.world_size, rank.group.rank_in_group
     gen = torch.Generator().manual_seed(0)  # the same problem on every rank
@@ -271,15 +285,27 @@ def check_correctness(rank: Rank) -> dict:
         q, full_kv, sm_scale=SM_SCALE
     )
     local = local_len(context, dcp_size, dcp_rank)
-    got = dcp_decode(rank, decode_wrapper(rank, dcp_size * HEADS_PER_RANK, batch, local), q, local_kv)
-    err = ((got.double() - expected.double()).norm() / expected.double().norm()).item()
-    err = max_over_ranks(err)
-    if not err < BF16_REL_TOL:  # also fails on NaN
-        raise AssertionError(
-            f"DCP output differs from full attention at B={batch}, C={context}: "
-            f"relative error {err:.3e} >= {BF16_REL_TOL}"
-        )
-    return {"batch": batch, "context": context, "rel_err": err, "tol": BF16_REL_TOL}
+    local_wrapper = decode_wrapper(rank, dcp_size * HEADS_PER_RANK, batch, local)
+    got = dcp_decode(rank, local_wrapper, q, local_kv)
+    err = max_over_ranks(rel_err(got, expected))
+    expected_all = decode_wrapper(rank, dcp_size * HEADS_PER_RANK, batch, context).forward(
+        on_device(q_all), full_kv, sm_scale=SM_SCALE
+    )
+    got_all = lse_decode(rank, local_wrapper, on_device(q_all), local_kv).float()
+    torch.distributed.all_reduce(got_all, group=rank.group.device_group)
+    lse_err = max_over_ranks(rel_err(got_all, expected_all))
+    for name, value in (("DCP", err), ("DCP-lse (summed over the group)", lse_err)):
+        if not value < BF16_REL_TOL:  # also fails on NaN
+            raise AssertionError(
+                f"{name} output differs from full attention at B={batch}, C={context}: "
+                f"relative error {value:.3e} >= {BF16_REL_TOL}"
+            )
+    return {"batch": batch, "context": context, "rel_err": err, "lse_rel_err": lse_err,
+            "tol": BF16_REL_TOL}
+
+
+def rel_err(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((got.double() - expected.double()).norm() / expected.double().norm()).item()
 
 
 def measure_point(rank: Rank, kv, batch: int, context: int, bandwidth: float, latency: float) -> dict:
@@ -290,6 +316,8 @@ def measure_point(rank: Rank, kv, batch: int, context: int, bandwidth: float, la
     local = local_len(context, dcp_size, rank.group.rank_in_group)
     dcp = decode_wrapper(rank, dcp_size * HEADS_PER_RANK, batch, local)
     dcp_s = time_step(rank, lambda: dcp_decode(rank, dcp, q, kv))
+    q_all = random_tensor(rank, batch, dcp_size * HEADS_PER_RANK, HEAD_DIM)
+    lse_s = time_step(rank, lambda: lse_decode(rank, dcp, q_all, kv))
     token_bytes = kv_bytes_per_token(rank.dtype)
     tp_floor = batch * context * token_bytes / bandwidth
     dcp_floor = batch * local_len(context, dcp_size, 0) * token_bytes / bandwidth + latency
@@ -298,6 +326,7 @@ def measure_point(rank: Rank, kv, batch: int, context: int, bandwidth: float, la
         "tp_us": tp_s * 1e6, "tp_floor_us": tp_floor * 1e6, "tp_ratio": tp_s / tp_floor,
         "dcp_us": dcp_s * 1e6, "dcp_floor_us": dcp_floor * 1e6, "dcp_ratio": dcp_s / dcp_floor,
         "dcp_speedup": tp_s / dcp_s,
+        "lse_us": lse_s * 1e6, "lse_ratio": lse_s / dcp_floor, "lse_speedup": tp_s / lse_s,
     }
 
 
@@ -421,13 +450,16 @@ def report(args, dtype, bandwidth, latency, check, results, skipped) -> None:
           f"Hkv={KV_HEADS}, d={HEAD_DIM})")
     print(f"HBM bandwidth {out['hbm_bandwidth_gbps']:.0f} GB/s, collective latency "
           f"{out['collective_latency_us']:.1f} us, DCP vs full attention rel err "
-          f"{check['rel_err']:.2e} at B={check['batch']}, C={check['context']}")
+          f"{check['rel_err']:.2e} (a2a), {check['lse_rel_err']:.2e} (lse) at "
+          f"B={check['batch']}, C={check['context']}")
     print(f"\n{'B':>4} {'C':>7} {'tp us':>9} {'tp floor':>9} {'tp ratio':>9} "
-          f"{'dcp us':>9} {'dcp floor':>9} {'dcp ratio':>9} {'speedup':>8}")
+          f"{'dcp us':>9} {'dcp floor':>9} {'dcp ratio':>9} {'speedup':>8} "
+          f"{'lse us':>9} {'lse ratio':>9} {'speedup':>8}")
     for p in results:
         print(f"{p['batch']:>4} {p['context']:>7} {p['tp_us']:>9.1f} {p['tp_floor_us']:>9.1f} "
               f"{p['tp_ratio']:>9.2f} {p['dcp_us']:>9.1f} {p['dcp_floor_us']:>9.1f} "
-              f"{p['dcp_ratio']:>9.2f} {p['dcp_speedup']:>8.2f}")
+              f"{p['dcp_ratio']:>9.2f} {p['dcp_speedup']:>8.2f} {p['lse_us']:>9.1f} "
+              f"{p['lse_ratio']:>9.2f} {p['lse_speedup']:>8.2f}")
     for batch, context in skipped:
         print(f"{batch:>4} {context:>7}  skipped: KV over --max-kv-gib {args.max_kv_gib}")
     name = HEADLINE[0]
@@ -459,6 +491,8 @@ def plot(out, path) -> None:
                              label=f"tp B={batch}")
         time_ax.plot(contexts, [p["dcp_us"] for p in line], marker="o",
                      color=shown[0].get_color(), label=f"dcp B={batch}")
+        time_ax.plot(contexts, [p["lse_us"] for p in line], linestyle="-.", marker="x",
+                     color=shown[0].get_color(), label=f"dcp-lse B={batch}")
     time_ax.set_yscale("log")
     time_ax.set_ylabel("us per layer")
     for ax in (ratio_ax, time_ax):

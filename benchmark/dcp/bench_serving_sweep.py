@@ -50,7 +50,7 @@ PROXY = dict(hidden_size=2048, num_hidden_layers=24, intermediate_size=6144, voc
 SMOKE = dict(hidden_size=256, num_hidden_layers=2, intermediate_size=512, vocab_size=4096)
 CONTEXT_LEN = 65536
 UPSTREAM_ATTENTION_BACKEND = "triton"  # the only MHA/GQA backend with DCP in SGLang 0.5.16
-CONFIG_LABELS = {"tp": "tp", "dcp": "tp+dcp"}
+CONFIG_LABELS = {"tp": "tp", "dcp": "tp+dcp", "dcp-lse": "tp+dcp-lse"}  # dcp: --dcp-comm a2a
 # what a resumed run must share with the run it continues
 SETTINGS = ("engine", "card", "tp_size", "dcp_size", "kv_rows_per_rank", "model")
 
@@ -112,9 +112,10 @@ def attention_backend(args):
     return DCP_ATTENTION_BACKENDS[args.device]
 
 
-def server_args(model, args, dcp_size):
+def server_args(model, args, dcp_size, config):
     if args.engine == "plugin":
         backend = device_server_args(args.device, args.tp)
+        backend += ["--dcp-comm", "lse"] if config == "dcp-lse" else []
     else:
         backend = ["--attention-backend", UPSTREAM_ATTENTION_BACKEND]
     return ["--model-path", model, "--load-format", "dummy", "--tp-size", str(args.tp),
@@ -146,9 +147,10 @@ def measured(result, kind, shape, concurrency):
 
 
 def run_config(model, args, config, work, result, save):
-    """Measure configuration ``tp`` or ``dcp`` on one server into ``result``, calling ``save()``
-    after each point; points ``result`` already holds (a resumed run) are not measured again."""
-    dcp_size = args.dcp if config == "dcp" else 1
+    """Measure configuration ``tp``, ``dcp`` or ``dcp-lse`` on one server into ``result``,
+    calling ``save()`` after each point; points ``result`` already holds (a resumed run) are
+    not measured again."""
+    dcp_size = 1 if config == "tp" else args.dcp
     result["dcp"] = dcp_size
     result.setdefault("latency", {})
     result.setdefault("throughput", {})
@@ -159,7 +161,7 @@ def run_config(model, args, config, work, result, save):
         return
     log_path = os.path.join(work, f"bench_{config}.log")
     started = time.monotonic()
-    with Server(server_args(model, args, dcp_size), args.port,
+    with Server(server_args(model, args, dcp_size, config), args.port,
                 os.path.join(work, f"server_{config}.log")) as server:
         result["server_start_seconds"] = round(time.monotonic() - started, 1)
         capacity = logical_capacity(args.engine, dcp_size, server.server_info()["max_total_num_tokens"])
@@ -236,7 +238,8 @@ def main():
     parser.add_argument("--engine", choices=["plugin", "upstream"], default="plugin",
                         help="plugin: SGLang 0.5.14 with this plugin (flashinfer); upstream: the SGLang "
                              "on PYTHONPATH with its own DCP (triton backend)")
-    parser.add_argument("--configs", default="tp,dcp", help="comma list of tp (plain TP) and dcp")
+    parser.add_argument("--configs", default="tp,dcp",
+                        help="comma list of tp (plain TP), dcp (--dcp-comm a2a) and dcp-lse")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--kv-rows", type=int, default=200_000, help="physical KV tokens per rank")
     parser.add_argument("--mem-fraction", type=float, default=0.8)

@@ -21,6 +21,7 @@ from sglang_dcp.distributed.parallel_state import (
 )
 from sglang_dcp.layers.attention.registry import create_dcp_attention_backend
 from sglang_dcp.mem_cache.allocator import check_replicas_at_idle
+from sglang_dcp.model_executor.group_heads import take_group_heads_after_load
 from sglang_dcp.model_executor.kv_cache import init_pools_with_dcp, reserve_extend_memory
 from sglang_dcp.server_args import DCPServerArgs
 
@@ -75,6 +76,8 @@ HOOKS = (
          HookType.REPLACE, "sglang.Engine(dcp_size=...)"),
     Hook(f"{_MODEL_RUNNER}.init_torch_distributed", create_dcp_group, HookType.AFTER,
          "create the DCP process groups"),
+    Hook(f"{_MODEL_RUNNER}.load_model", take_group_heads_after_load, HookType.AFTER,
+         "--dcp-comm lse: the group's q_proj rows and o_proj columns"),
     Hook("sglang.srt.distributed.parallel_state.destroy_model_parallel",
          destroy_dcp_group_after, HookType.AFTER, "tear the DCP group down"),
     Hook("sglang.srt.distributed.parallel_state.graph_capture", graph_capture_with_dcp,

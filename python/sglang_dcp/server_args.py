@@ -26,6 +26,8 @@ DCP_ATTENTION_BACKENDS = {"cuda": "flashinfer", "cpu": "torch_native"}
 # SGLang 0.5.14 models whose attention layers call the backend with k=None, reading the new
 # tokens' K/V from another layer's cache (at logical slots, which DCP does not store).
 READS_ANOTHER_LAYERS_KV = {"IQuestLoopCoderForCausalLM"}
+# --dcp-comm: all-to-all of the partials (the reference), or LSE all-gather (group heads).
+DCP_COMM_CHOICES = ("a2a", "lse")
 
 
 class DCPConfigError(ValueError):
@@ -47,8 +49,24 @@ class DCPServerArgs(sglang_server_args.ServerArgs):
     # The physical page P once page_size holds the logical P * D: a second __post_init__
     # (e.g. ServerArgs(**dataclasses.asdict(args))) starts again from P.
     dcp_physical_page_size: A[Optional[int], Arg(no_cli=True)] = None
+    dcp_comm: A[
+        str,
+        Arg(
+            help="How a DCP group combines its partial attention. a2a: all-gather Q, one "
+            "all-to-all of the partial outputs, merge (default until measured on 2 GPUs). "
+            "lse: every rank computes the query heads of its whole group (the group's q_proj "
+            "rows and o_proj columns, taken once at load), all-gathers only the LSEs and "
+            "scales its partials before o_proj; falls back to a2a for models it does not "
+            "cover. Ignored with --dcp-size 1.",
+            choices=list(DCP_COMM_CHOICES),
+        ),
+    ] = "a2a"
 
     def __post_init__(self):
+        if self.dcp_comm not in DCP_COMM_CHOICES:
+            raise DCPConfigError(
+                f"--dcp-comm must be one of {', '.join(DCP_COMM_CHOICES)}, got {self.dcp_comm!r}."
+            )
         if self.dcp_size == 1:
             return super().__post_init__()
         from sglang_dcp.hooks import require_hooks_applied
@@ -87,8 +105,9 @@ class DCPServerArgs(sglang_server_args.ServerArgs):
                 self.dcp_size,
             )
         logger.info(
-            "DCP: dcp_size=%d, physical page %d, logical page %d",
+            "DCP: dcp_size=%d, dcp_comm=%s, physical page %d, logical page %d",
             self.dcp_size,
+            self.dcp_comm,
             self.dcp_physical_page_size,
             self.page_size,
         )

@@ -30,6 +30,8 @@ def whole_layer(tmp_path_factory):
 def test_whole_layer_points(whole_layer):
     _, result = whole_layer
     assert result["correctness"]["rel_err"] < result["correctness"]["tol"]
+    assert result["correctness"]["lse_rel_err"] < result["correctness"]["tol"]
+    assert all(p["lse_us"] > 0 for p in result["points"])
     assert [(p["batch"], p["context"]) for p in result["points"]] == [(1, 64), (1, 128), (2, 64), (2, 128)]
 
 

@@ -1,12 +1,13 @@
 """End to end on CPU: real SGLang engines (torch_native + gloo), dcp=1 against dcp>1.
 
 ``--dcp-size 1`` must leave SGLang bit-identical: same tokens and logprobs as SGLang
-without the plugin. The DCP cases cover Qwen3 (tp2 with 1 KV head, tp4 with 2), D = 4
-(Qwen3 at tp4 with 1 KV head), Llama, Qwen2 and Qwen3-MoE (tp2). Each DCP case runs one
-scenario (mixed prompt lengths in one batch, a prompt longer than the chunked-prefill size,
-radix-cache prefix hits, seeded sampling) through an engine without DCP and one with DCP on
-the same float32 random weights, and requires identical tokens, top-5 logprobs within
-``LOGPROB_TOL`` and exactly D times the logical KV capacity at the same memory settings.
+without the plugin. The DCP cases cover Qwen3 (tp2 with 1 KV head, tp4 with 2), Llama, Qwen2
+and Qwen3-MoE (tp2), each with ``--dcp-comm`` a2a and lse, and D = 4 (Qwen3 at tp4 with 1 KV
+head). Each DCP case runs one scenario (mixed prompt lengths in one batch, a prompt longer than
+the chunked-prefill size, radix-cache prefix hits, seeded sampling) through an engine without
+DCP and one with DCP on the same float32 random weights, and requires identical tokens, top-5
+logprobs within ``LOGPROB_TOL`` and exactly D times the logical KV capacity at the same memory
+settings.
 """
 
 import json
@@ -50,6 +51,17 @@ def cpu_engine_kwargs(tp_size: int) -> dict:
     )
 
 
+def run_dcp(model, scenario, capfd, dcp_comm, group_heads, **kwargs):
+    """``run_engine`` with ``dcp_comm`` at log level info; with lse, its start-up line must
+    say that every layer took its group's ``group_heads`` query heads (no fallback to a2a)."""
+    capfd.readouterr()
+    run = run_engine(model, scenario, dcp_comm=dcp_comm, **{**kwargs, "log_level": "info"})
+    if dcp_comm == "lse":
+        assert f"compute the {group_heads} query heads of their DCP group" in capfd.readouterr().err
+    return run
+
+
+@pytest.mark.parametrize("dcp_comm", ["a2a", "lse"])
 @pytest.mark.parametrize(
     "tp_size,dcp_size,num_heads,num_kv_heads,architecture",
     [
@@ -63,22 +75,29 @@ def cpu_engine_kwargs(tp_size: int) -> dict:
     ids=["tp2-dcp2-kv1", "tp4-dcp2-kv2", "tp4-dcp4-kv1", "tp2-dcp2-llama", "tp2-dcp2-qwen2",
          "tp2-dcp2-qwen3moe"],
 )
-def test_dcp_matches_tp(tmp_path, tp_size, dcp_size, num_heads, num_kv_heads, architecture):
-    model = write_random_gqa_model(
-        str(tmp_path / "model"),
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
-        vocab_size=VOCAB_SIZE,
-        architecture=architecture,
-    )
+def test_dcp_matches_tp(
+    tmp_path_factory, reference_runs, capfd, tp_size, dcp_size, num_heads, num_kv_heads,
+    architecture, dcp_comm,
+):
     scenario = mixed_scenario(VOCAB_SIZE, PROMPT_LENGTHS, max_new_tokens=16)
     kwargs = cpu_engine_kwargs(tp_size)
-    reference = run_engine(model, scenario, dcp_size=1, **kwargs)
-    candidate = run_engine(model, scenario, dcp_size=dcp_size, **kwargs)
+    case = (tp_size, num_heads, num_kv_heads, architecture)
+    if case not in reference_runs:
+        model = write_random_gqa_model(
+            str(tmp_path_factory.mktemp("model")),
+            num_attention_heads=num_heads,
+            num_key_value_heads=num_kv_heads,
+            vocab_size=VOCAB_SIZE,
+            architecture=architecture,
+        )
+        reference_runs[case] = (model, run_engine(model, scenario, dcp_size=1, **kwargs))
+    model, reference = reference_runs[case]
+    candidate = run_dcp(model, scenario, capfd, dcp_comm, num_heads // tp_size * dcp_size,
+                        dcp_size=dcp_size, **kwargs)
 
     assert candidate.capacity == dcp_size * reference.capacity
     agreement = compare(reference, candidate)
-    print(f"capacity {reference.capacity} -> {candidate.capacity}; {agreement}")
+    print(f"{dcp_comm}: capacity {reference.capacity} -> {candidate.capacity}; {agreement}")
     assert agreement.identical_requests == agreement.num_requests, agreement
     assert agreement.max_logprob_diff < LOGPROB_TOL, agreement
 

@@ -11,6 +11,7 @@ from sglang_dcp.layers.attention.merge import (
     merge_packed_torch,
     merge_states,
     pack_by_owner_torch,
+    scale_by_lse_torch,
     to_base2,
 )
 from sglang_dcp.layers.attention.torch_native_dcp_backend import attention_with_lse
@@ -95,6 +96,50 @@ def test_packed_partials_merge_to_full_attention(base):
         assert o.dtype == torch.float64
         assert (o - o_ref[:, own]).norm() / o_ref[:, own].norm() < 1e-6
         assert torch.allclose(lse2.double(), in_base(lse_ref[:, own], 2.0), atol=1e-5)
+
+
+@pytest.mark.parametrize("base", BASES)
+@pytest.mark.parametrize("num_ranks,empty", [(2, ()), (4, (2,)), (3, (0, 1))])
+def test_lse_scaled_o_proj_equals_merged_o_proj(base, num_ranks, empty):
+    """``--dcp-comm lse`` against ``a2a`` and float64 full attention: every rank's partials
+    of all ``D*Hq`` heads, scaled by ``b^(lse_r - lse)`` and put through ``o_proj`` over the
+    group's columns, summed over the ranks, equal the merged own heads of each rank through
+    its own columns, summed (the TP all-reduce). Empty shards hold NaN garbage."""
+    torch.manual_seed(num_ranks + len(empty))
+    tokens, heads_per_rank, dv, hidden = 5, 2, 16, 24
+    heads = num_ranks * heads_per_rank
+    parts, (o_ref, _) = random_partials(num_ranks, tokens, heads, dv, empty=empty)
+    parts = [(o.fill_(float("nan")) if i in empty else o, lse) for i, (o, lse) in enumerate(parts)]
+    w_o = torch.randn(hidden, heads * dv, dtype=torch.float64)
+
+    def o_proj(o, first_head=0):
+        cols = slice(first_head * dv, first_head * dv + o.shape[1] * dv)
+        return o.reshape(tokens, -1).double() @ w_o[:, cols].T
+
+    lse2_all = torch.stack([to_base2(in_base(lse, base), base) for _, lse in parts])
+    layout = PartialLayout(tokens, heads_per_rank, dv, torch.float32)
+    buffers = [pack_by_owner_torch(o, lse2, layout, num_ranks) for (o, _), lse2 in zip(parts, lse2_all)]
+    a2a = sum(
+        o_proj(merge_packed_torch(exchange(buffers, r), layout, torch.float64)[0], r * heads_per_rank)
+        for r in range(num_ranks)
+    )
+    lse = sum(o_proj(scale_by_lse_torch(o, lse2_all, r, torch.float64)) for r, (o, _) in enumerate(parts))
+    full = o_proj(o_ref)
+    assert (a2a - full).norm() / full.norm() < 1e-6
+    assert (lse - full).norm() / full.norm() < 1e-6
+    assert (lse - a2a).norm() / full.norm() < 1e-6
+
+
+def test_lse_scaling_of_all_empty_shards_is_zero():
+    lse2_all = torch.randn(3, 4, 2)
+    lse2_all[:, 1] = -math.inf  # token 1: every shard empty
+    lse2_all[1, 2] = -math.inf  # token 2: rank 1 empty
+    o = torch.full((4, 2, 8), float("nan"))
+    o[0] = 1.0
+    for rank in range(3):
+        scaled = scale_by_lse_torch(o if rank == 1 else o.nan_to_num(), lse2_all, rank, torch.float32)
+        assert torch.all(scaled[1] == 0) and not torch.isnan(scaled[:3]).any()
+    assert torch.all(scale_by_lse_torch(o, lse2_all, 1, torch.float32)[2] == 0)
 
 
 def test_partial_layout_views_share_the_buffer():

@@ -10,6 +10,8 @@ model folders hold only a config.json. Covered:
   ``SystemExit``;
 * the accepted settings resolve to the logical page ``page_size * dcp_size``, the DCP
   attention backend and eager prefill; with no flag the arguments equal stock SGLang's;
+* ``--dcp-comm``: a2a or lse, any other value refused (argparse, and one line from Python),
+  ignored with ``--dcp-size 1``;
 * the flag and its aliases appear in ``python -m sglang.launch_server --help``;
 * ``require_hooks_applied`` notices a hook that did not apply.
 
@@ -310,9 +312,12 @@ def test_accepted_on_cuda(models):
     assert os.environ["NCCL_GRAPH_MIXING_SUPPORT"] == "0"
 
 
-@pytest.mark.parametrize("flags", ["", "--dcp-size 1"], ids=["no-flag", "dcp1"])
+@pytest.mark.parametrize(
+    "flags", ["", "--dcp-size 1", "--dcp-size 1 --dcp-comm lse"], ids=["no-flag", "dcp1", "dcp1-lse"]
+)
 def test_dcp_1_is_stock_sglang(models, flags):
-    """Without DCP the resolved arguments equal those of SGLang's own ServerArgs."""
+    """Without DCP the resolved arguments equal those of SGLang's own ServerArgs
+    (``--dcp-comm`` is ignored with ``--dcp-size 1``)."""
     stock_class = DCPServerArgs.__mro__[1]
     assert stock_class.__module__ == "sglang.srt.server_args" and stock_class is not DCPServerArgs
     argv = ["--model-path", models["gqa1"], "--device", "cpu", "--tp", "2", "--random-seed", "0"]
@@ -324,6 +329,7 @@ def test_dcp_1_is_stock_sglang(models, flags):
     assert (args.dcp_size, args.page_size, args.disable_prefill_cuda_graph) == (1, 1, False)
     ours = dataclasses.asdict(args)
     assert ours.pop("dcp_size") == 1 and ours.pop("dcp_physical_page_size") is None
+    assert ours.pop("dcp_comm") == ("lse" if "lse" in flags else "a2a")
     assert ours == stock
 
 
@@ -348,6 +354,23 @@ def test_resolving_twice_changes_nothing(models, device):
     assert (args.page_size, args.dcp_physical_page_size, args.chunked_prefill_size) == (32, 16, 96)
 
 
+@pytest.mark.parametrize("comm", ["a2a", "lse"])
+def test_dcp_comm_accepted(models, comm):
+    assert parse(models, "gqa1", f"--tp 2 --dcp 2 --dcp-comm {comm}").dcp_comm == comm
+
+
+@pytest.mark.parametrize("dcp", ["1", "2"])
+def test_bad_dcp_comm_is_refused(models, dcp, capsys):
+    with pytest.raises(SystemExit) as excinfo:
+        parse(models, "gqa1", f"--tp 2 --dcp {dcp} --dcp-comm allgather")
+    assert excinfo.value.code == 2
+    assert "argument --dcp-comm: invalid choice: 'allgather'" in capsys.readouterr().err
+    # Python callers (sglang.Engine(dcp_comm=...)) bypass argparse: the same value, one line.
+    with pytest.raises(DCPConfigError, match="^--dcp-comm must be one of a2a, lse, got 'allgather'.$"):
+        DCPServerArgs(model_path=models["gqa1"], device="cpu", tp_size=2, dcp_size=int(dcp),
+                      dcp_comm="allgather")  # fmt: skip
+
+
 # Starts a fresh interpreter that imports sglang and every plugin: ~10-30 s.
 def test_launch_server_help_lists_the_flag():
     env = dict(os.environ, SGLANG_USE_CPU_ENGINE="1", COLUMNS="200")
@@ -360,6 +383,7 @@ def test_launch_server_help_lists_the_flag():
     line = "--dcp-size DCP_SIZE, --dcp DCP_SIZE, --decode-context-parallel-size DCP_SIZE"
     assert line in result.stdout
     assert "Decode context parallel size D" in result.stdout
+    assert "--dcp-comm {a2a,lse}" in result.stdout
 
 
 def test_hooks_applied():

@@ -18,7 +18,8 @@ where the case runs one and that is more: dcp=1 on SGLang's triton attention bac
 attention kernel, another rounding, no DCP). bf16 rounding in attention moves a random
 top-2 MoE much further than a dense model, because it can flip a token's expert choice
 (``benchmark/dcp/bf16_sensitivity.py`` measures this on CPU). Results go to
-``$DCP_RESULTS_DIR/e2e_<case>.json``.
+``$DCP_RESULTS_DIR/e2e_<case>.json``. ``DCP_COMM=lse`` runs the DCP engines with
+``--dcp-comm lse`` instead of a2a (results in ``e2e_<case>-lse.json``).
 """
 
 import dataclasses
@@ -126,8 +127,10 @@ def test_dcp2_matches_tp(tmp_path, name):
             for graphs in case.graph_modes]
     if case.noise_baseline:  # first: it sets the tolerances
         runs.insert(0, ("dcp1-triton", 1, {**engine_kwargs(case, graphs=True), "attention_backend": "triton"}))
+    dcp_comm = os.environ.get("DCP_COMM", "a2a")
+    results["dcp_comm"] = dcp_comm
     for label, dcp_size, kwargs in runs:
-        candidate = run_engine(model, scenario, dcp_size=dcp_size, **kwargs)
+        candidate = run_engine(model, scenario, dcp_size=dcp_size, dcp_comm=dcp_comm, **kwargs)
         agreement = compare(reference, candidate)
         results[label] = {
             "capacity": candidate.capacity,
@@ -151,6 +154,7 @@ def test_dcp2_matches_tp(tmp_path, name):
     results["tolerances"] = {"logprob": logprob_tol, "near_tie": tie_tol}
     out_dir = os.environ.get("DCP_RESULTS_DIR")
     if out_dir:
-        with open(os.path.join(out_dir, f"e2e_{name}.json"), "w") as f:
+        suffix = "" if dcp_comm == "a2a" else f"-{dcp_comm}"
+        with open(os.path.join(out_dir, f"e2e_{name}{suffix}.json"), "w") as f:
             json.dump(results, f, indent=1)
     assert not failures, failures

@@ -8,7 +8,7 @@ by owner, the exchange of ``all_to_all_chunks`` is done by indexing, and each ow
 NaN through the caching allocator beforehand, so an element a kernel fails to write shows
 up as NaN.
 
-Without a GPU, the two Triton-only tests also run on CPU under Triton's interpreter
+Without a GPU, the three Triton-only tests also run on CPU under Triton's interpreter
 (``TRITON_INTERPRET=1``, as ``test_triton_interpreter.py`` runs them; no NaN poisoning there).
 """
 
@@ -139,6 +139,32 @@ def test_pack_and_merge_kernels_match_torch(num_ranks):
     assert torch.equal(torch.isinf(merged), torch.isinf(ref_merged))
     finite = torch.isfinite(ref_merged)
     assert torch.allclose(merged.double()[finite], ref_merged[finite].double(), rtol=1e-6, atol=1e-5)
+
+
+@needs_triton
+@pytest.mark.parametrize("num_ranks", [2, 3, 4, 8])
+def test_scale_kernel_matches_torch(num_ranks):
+    from sglang_dcp.layers.attention.merge import scale_by_lse_torch
+    from sglang_dcp.layers.attention.triton_ops import scale_by_lse_triton
+
+    torch.manual_seed(num_ranks)
+    tokens, heads = 33, 3 * num_ranks  # all gathered heads: D x Hq
+    o = random_bf16(tokens, heads, HEAD_DIM)
+    lse_all = torch.randn(num_ranks, tokens, heads, device=DEVICE) * 20
+    rank = num_ranks - 1
+    lse_all[rank, :5] = -math.inf  # this rank's shard empty ...
+    o[:5] = float("nan")  # ... its output garbage
+    lse_all[0, 5:9] = -math.inf  # another rank's shard empty
+    lse_all[:, 9] = -math.inf  # every shard empty
+    o[9] = float("nan")
+    poison_cuda_cache()
+    out = scale_by_lse_triton(o, lse_all, rank, torch.bfloat16)
+    ref = scale_by_lse_torch(o, lse_all, rank, torch.float64)
+    assert out.dtype == torch.bfloat16 and not torch.isnan(out).any()
+    assert torch.all(out[:5] == 0) and torch.all(out[9] == 0)
+    assert torch.allclose(out.double(), ref, rtol=1e-2, atol=1e-2)
+    out32 = scale_by_lse_triton(o, lse_all, rank, torch.float32)
+    assert torch.allclose(out32.double(), ref, rtol=1e-5, atol=1e-6)
 
 
 @needs_triton

@@ -15,11 +15,18 @@ Per layer, on DCP rank ``r`` of a group of ``D`` ranks that hold the same KV hea
   (every rank has them); if any request has a cached prefix, gathered Q attends
   non-causally to the prefix tokens stored here, ``dcp_merge`` combines the group, and
   ``merge_states`` combines the two parts. A prefill without prefix communicates nothing.
+* ``--dcp-comm lse`` (layers with ``has_group_heads``, see ``model_executor.group_heads``):
+  Q arrives with the ``D*Hq`` heads of the whole group, computed here, so nothing is
+  gathered. Decode: partial attention of all ``D*Hq`` heads over the tokens stored here,
+  ``scale_by_group_lse`` (one all-gather of the LSEs, each partial scaled by its weight),
+  and ``[T, D*Hq*dv]`` goes to ``o_proj`` over the group's columns, whose TP all-reduce
+  sums the group. Extend: ``extend_group_heads``, the same way.
 
 Subclasses implement ``init_forward_metadata`` and the three ``partial_*`` kernels, each
 returning ``(o [T, H, dv], lse [T, H])`` with LSE in base ``lse_base``.
 """
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -29,8 +36,9 @@ from sglang.srt.layers.radix_attention import AttentionType
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
 from sglang_dcp.distributed.parallel_state import all_gather_along_dim, get_dcp_group
-from sglang_dcp.layers.attention.merge import dcp_merge, merge_states
+from sglang_dcp.layers.attention.merge import dcp_merge, merge_states, scale_by_group_lse
 from sglang_dcp.mem_cache.layout import local_write_rows
+from sglang_dcp.model_executor.group_heads import has_group_heads
 
 
 def kv_cache_scales(layer) -> Tuple[Optional[float], Optional[float]]:
@@ -105,25 +113,40 @@ class DCPAttnBackend(AttentionBackend):
         q = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
         return all_gather_along_dim(self.dcp_group, q, dim=1)
 
+    def own_heads(self, x: torch.Tensor) -> slice:
+        """This rank's heads among the group's ``x [T, D*Hq, ...]`` (rank-major)."""
+        per_rank = x.shape[1] // self.dcp_size
+        return slice(self.dcp_rank * per_rank, (self.dcp_rank + 1) * per_rank)
+
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         self.begin_layer(layer, k, save_kv_cache, forward_batch)
         self.write_kv(layer, k, v)
-        o, lse = self.partial_decode(self.gather_heads(q, layer), layer, forward_batch)
-        o, _ = dcp_merge(self.dcp_group, o, lse, self.lse_base, out_dtype=q.dtype)
+        if has_group_heads(layer):
+            q_all = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
+            o, lse = self.partial_decode(q_all, layer, forward_batch)
+            o = scale_by_group_lse(self.dcp_group, o, lse, self.lse_base, out_dtype=q.dtype)
+        else:
+            o, lse = self.partial_decode(self.gather_heads(q, layer), layer, forward_batch)
+            o, _ = dcp_merge(self.dcp_group, o, lse, self.lse_base, out_dtype=q.dtype)
         return o.reshape(-1, layer.tp_q_head_num * layer.v_head_dim)
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         self.begin_layer(layer, k, save_kv_cache, forward_batch)
-        q_own = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
+        group_heads = has_group_heads(layer)
+        q = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
+        own = self.own_heads(q) if group_heads else slice(None)
         o, lse = self.partial_extend_new(
-            q_own,
+            q[:, own],
             k.reshape(-1, layer.tp_k_head_num, layer.qk_head_dim),
             v.reshape(-1, layer.tp_v_head_num, layer.v_head_dim),
             layer,
             forward_batch,
         )
         self.write_kv(layer, k, v)  # after the new-token pass: an FP8 store scales k, v in place
-        if any(forward_batch.extend_prefix_lens_cpu):
+        has_prefix = any(forward_batch.extend_prefix_lens_cpu)
+        if group_heads:
+            o = self.extend_group_heads(q, o, lse, own, has_prefix, layer, forward_batch)
+        elif has_prefix:
             o_pre, lse_pre = self.partial_extend_prefix(
                 self.gather_heads(q, layer), layer, forward_batch
             )
@@ -132,3 +155,18 @@ class DCPAttnBackend(AttentionBackend):
             )
             o, lse = merge_states([o, o_pre], [lse, lse_pre], self.lse_base)
         return o.to(q.dtype).reshape(-1, layer.tp_q_head_num * layer.v_head_dim)
+
+    def extend_group_heads(self, q_all, o_new, lse_new, own, has_prefix, layer, forward_batch):
+        """Extend with the group's heads (``--dcp-comm lse``), the LSE way as in decode: this
+        rank's partial for head ``h`` covers the prefix tokens stored here and, for its own
+        heads only, the new tokens (every rank has their K/V, so exactly one rank counts
+        them). ``scale_by_group_lse`` then makes the sum over the group the full attention.
+        Without a prefix the own heads are final and the others 0: nothing to exchange."""
+        o = o_new.new_zeros((*q_all.shape[:2], o_new.shape[-1]))
+        lse = lse_new.new_full(q_all.shape[:2], -math.inf)
+        o[:, own], lse[:, own] = o_new, lse_new
+        if not has_prefix:
+            return o
+        o_pre, lse_pre = self.partial_extend_prefix(q_all, layer, forward_batch)
+        o, lse = merge_states([o, o_pre], [lse, lse_pre], self.lse_base)
+        return scale_by_group_lse(self.dcp_group, o, lse, self.lse_base, torch.float32)

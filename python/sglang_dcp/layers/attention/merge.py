@@ -13,6 +13,12 @@ partial results for the gathered heads by owner (chunk ``c`` of the exchange buf
 hands each rank the D partials of its own heads, and a local merge combines them and
 casts to the output dtype. Pack and merge are fused Triton kernels on CUDA, PyTorch
 elsewhere.
+
+``scale_by_group_lse`` is the other way (``--dcp-comm lse``): no merge at all. Rank ``r``
+all-gathers only the group's LSEs and scales its own partial outputs of all heads,
+``o_r * b^(lse_r - lse)``; ``sum_r`` of the scaled partials is the merged output, so a
+linear map applied on each rank (``o_proj`` over the group's heads) and summed over the
+ranks (the TP all-reduce) equals the map of the merged output.
 """
 
 import dataclasses
@@ -21,7 +27,7 @@ from typing import Sequence, Tuple
 
 import torch
 
-from sglang_dcp.distributed.parallel_state import all_to_all_chunks
+from sglang_dcp.distributed.parallel_state import all_gather_along_dim, all_to_all_chunks
 
 
 def to_base2(lse: torch.Tensor, lse_base: float) -> torch.Tensor:
@@ -150,3 +156,37 @@ def dcp_merge(
     sent = pack_by_owner(o, to_base2(lse, lse_base), layout, num_ranks)
     merged, lse2 = merge_packed(all_to_all_chunks(group, sent), layout, out_dtype)
     return merged, from_base2(lse2, lse_base)
+
+
+def scale_by_lse_torch(
+    o: torch.Tensor, lse2_all: torch.Tensor, rank: int, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """PyTorch reference of the scale step: this rank's ``o [T, H, dv]`` times its weight
+    ``2^(lse2_all[rank] - lse)`` among the group's base-2 ``lse2_all [D, T, H]``, in
+    ``out_dtype`` (0 where the weight is 0: an empty shard, or every shard empty)."""
+    weights, _ = lse_weights(lse2_all)
+    return weighted(o, weights[rank]).to(out_dtype)
+
+
+def scaling_kernel(device: torch.device):
+    """``scale_by_lse``: the fused Triton kernel on CUDA, the PyTorch reference elsewhere."""
+    if device.type == "cuda":
+        from sglang_dcp.layers.attention.triton_ops import scale_by_lse_triton
+
+        return scale_by_lse_triton
+    return scale_by_lse_torch
+
+
+def scale_by_group_lse(
+    group, o: torch.Tensor, lse: torch.Tensor, lse_base: float, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """This rank's share of the group's merged attention, without a merge.
+
+    ``o [T, H, dv]`` and ``lse [T, H]`` (``lse_base``) are this rank's partial results over
+    the tokens it stores, for all ``H = D*Hq`` heads of the group. One all-gather of the
+    base-2 LSEs (``T * H`` floats per rank) gives ``lse = log2 sum_r 2^lse_r``; returns
+    ``o * 2^(lse_r - lse)`` in ``out_dtype``, whose sum over the group's ranks is the merged
+    output of every head (an empty shard contributes 0; every shard empty gives 0).
+    """
+    lse2_all = all_gather_along_dim(group, to_base2(lse, lse_base).unsqueeze(0), dim=0)
+    return scaling_kernel(o.device)(o, lse2_all, group.rank_in_group, out_dtype)

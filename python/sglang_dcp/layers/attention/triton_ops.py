@@ -7,6 +7,10 @@
   ``(o_r, lse_r)`` received from the ranks, forms ``lse = log2 sum_r 2^lse_r`` and
   ``o = sum_r 2^(lse_r - lse) o_r`` in float32 (weight 0 for an empty shard; ``o = 0``,
   ``lse = -inf`` when every shard is empty) and writes ``o`` in the output dtype.
+* ``scale_by_lse_triton``: the one local step of ``merge.scale_by_group_lse`` after its
+  LSE all-gather. For each ``(t, h)`` it reads the group's base-2 ``lse_c`` (``c < D``),
+  forms ``lse = log2 sum_c 2^lse_c`` and writes ``o * 2^(lse_r - lse)`` of this rank ``r``
+  in the output dtype (0 for weight 0: an empty shard here, or every shard empty).
 * ``dcp_kv_indices_triton``: for each request ``b``, the physical rows of the tokens
   stored on this rank, ``req_to_token[req_b, rank + j*D] // D`` for ``j < local_len_b``,
   written at ``kv_indices[kv_indptr[b]:]``.
@@ -44,6 +48,17 @@ def _pack_by_owner_kernel(
 
 
 @triton.jit
+def _lse_max_and_total(lse_ptr, rank_stride, row, NUM_RANKS: tl.constexpr, RANKS_P2: tl.constexpr):
+    """Over the ranks' base-2 ``lse_c`` at ``lse_ptr + c * rank_stride + row``: ``m`` = their
+    max (0 if every one is ``-inf``) and ``sum_c 2^(lse_c - m)`` (0 if every one is ``-inf``)."""
+    ranks = tl.arange(0, RANKS_P2)
+    lse = tl.load(lse_ptr + ranks * rank_stride + row, mask=ranks < NUM_RANKS, other=-float("inf"))
+    lse_max = tl.max(lse, axis=0)
+    finite_max = tl.where(lse_max == -float("inf"), 0.0, lse_max)
+    return finite_max, tl.sum(tl.exp2(lse - finite_max), axis=0)
+
+
+@triton.jit
 def _merge_packed_kernel(
     buf_o_ptr,
     buf_lse_ptr,
@@ -57,11 +72,7 @@ def _merge_packed_kernel(
     BLOCK_D: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # t * Hq + j
-    ranks = tl.arange(0, RANKS_P2)
-    lse = tl.load(buf_lse_ptr + ranks * buf_lse_chunk_stride + row, mask=ranks < NUM_RANKS, other=-float("inf"))
-    lse_max = tl.max(lse, axis=0)
-    finite_max = tl.where(lse_max == -float("inf"), 0.0, lse_max)
-    total = tl.sum(tl.exp2(lse - finite_max), axis=0)
+    finite_max, total = _lse_max_and_total(buf_lse_ptr, buf_lse_chunk_stride, row, NUM_RANKS, RANKS_P2)
     tl.store(lse_out_ptr + row, finite_max + tl.log2(total))
     dims = tl.arange(0, BLOCK_D)
     in_dim = dims < head_dim
@@ -105,6 +116,48 @@ def merge_packed_triton(buf: torch.Tensor, layout, out_dtype: torch.dtype):
             BLOCK_D=triton.next_power_of_2(head_dim),
         )
     return out, lse_out
+
+
+@triton.jit
+def _scale_by_lse_kernel(
+    o_ptr,
+    lse_all_ptr,
+    out_ptr,
+    rank,
+    num_rows,
+    head_dim,
+    NUM_RANKS: tl.constexpr,
+    RANKS_P2: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # t * H + h
+    finite_max, total = _lse_max_and_total(lse_all_ptr, num_rows, row, NUM_RANKS, RANKS_P2)
+    lse_r = tl.load(lse_all_ptr + rank * num_rows + row)
+    weight = tl.where(total > 0.0, tl.exp2(lse_r - finite_max) / total, 0.0)
+    dims = tl.arange(0, BLOCK_D)
+    in_dim = dims < head_dim
+    o = tl.load(o_ptr + row * head_dim + dims, mask=in_dim, other=0.0)
+    out = tl.where(weight > 0.0, o.to(tl.float32) * weight, 0.0)
+    tl.store(out_ptr + row * head_dim + dims, out.to(out_ptr.dtype.element_ty), mask=in_dim)
+
+
+def scale_by_lse_triton(
+    o: torch.Tensor, lse2_all: torch.Tensor, rank: int, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """This rank's ``o [T, H, dv]`` scaled by its weight among the group's base-2
+    ``lse2_all [D, T, H]``, in ``out_dtype`` (see module doc)."""
+    tokens, heads, head_dim = o.shape
+    num_ranks = lse2_all.shape[0]
+    assert lse2_all.shape == (num_ranks, tokens, heads), (o.shape, lse2_all.shape)
+    out = torch.empty((tokens, heads, head_dim), dtype=out_dtype, device=o.device)
+    if tokens:
+        _scale_by_lse_kernel[(tokens * heads,)](
+            o.contiguous(), lse2_all.float().contiguous(), out, rank, tokens * heads, head_dim,
+            NUM_RANKS=num_ranks,
+            RANKS_P2=triton.next_power_of_2(num_ranks),
+            BLOCK_D=triton.next_power_of_2(head_dim),
+        )
+    return out
 
 
 @triton.jit

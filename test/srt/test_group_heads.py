@@ -1,0 +1,112 @@
+"""``--dcp-comm lse``'s weight step on SGLang's real linear layers, without processes: each
+rank of a DCP group (tp = D = 2, 4 query heads, 1 KV head) widened to the group's heads must
+hold exactly the full model's q rows, k/v rows and o_proj columns of its group; what the
+path does not cover is named. The all-gather is simulated from every rank's shards."""
+
+import pytest
+import torch
+
+HIDDEN, HEAD_DIM, HEADS, DCP = 16, 8, 4, 2
+HEADS_PER_RANK = HEADS // DCP
+
+
+class FakeGroup:
+    """``GroupCoordinator.all_gather`` over ranks whose sends are known in advance:
+    ``sends[c][i]`` is what rank ``c`` sends at its ``i``-th all-gather."""
+
+    def __init__(self, rank, sends):
+        self.rank_in_group, self.world_size, self.sends, self.calls = rank, len(sends), sends, 0
+
+    def all_gather(self, x, dim):
+        assert torch.equal(x, self.sends[self.rank_in_group][self.calls])
+        gathered = torch.cat([sent[self.calls] for sent in self.sends], dim=dim)
+        self.calls += 1
+        return gathered
+
+
+class Attention(torch.nn.Module):
+    """The shape of SGLang's Llama/Qwen attention modules: what the weight step reads."""
+
+    def __init__(self, rank, full):
+        from sglang.srt.layers.linear import QKVParallelLinear, RowParallelLinear
+        from sglang.srt.layers.radix_attention import RadixAttention
+
+        super().__init__()
+        self.num_heads, self.q_size = HEADS_PER_RANK, HEADS_PER_RANK * HEAD_DIM
+        self.qkv_proj = QKVParallelLinear(HIDDEN, HEAD_DIM, HEADS, 1, bias=True, tp_rank=rank,
+                                          tp_size=DCP, params_dtype=torch.float32)
+        self.o_proj = RowParallelLinear(HEADS * HEAD_DIM, HIDDEN, bias=True, tp_rank=rank,
+                                        tp_size=DCP, params_dtype=torch.float32)
+        self.attn = RadixAttention(HEADS_PER_RANK, HEAD_DIM, HEAD_DIM**-0.5, 1, layer_id=0)
+        own = slice(rank * self.q_size, (rank + 1) * self.q_size)
+        for name in ("weight", "bias"):  # rank r's q rows, the replicated KV head
+            getattr(self.qkv_proj, name).data = torch.cat([full[f"q_{name}"][own], full[f"kv_{name}"]])
+        self.o_proj.weight.data = full["o_weight"][:, own].contiguous()
+        self.o_proj.bias.data = full["o_bias"]
+
+
+@pytest.fixture
+def full():
+    gen = torch.Generator().manual_seed(0)
+    shapes = dict(q_weight=(HEADS * HEAD_DIM, HIDDEN), kv_weight=(2 * HEAD_DIM, HIDDEN),
+                  q_bias=(HEADS * HEAD_DIM,), kv_bias=(2 * HEAD_DIM,),
+                  o_weight=(HIDDEN, HEADS * HEAD_DIM), o_bias=(HIDDEN,))
+    return {name: torch.randn(shape, generator=gen) for name, shape in shapes.items()}
+
+
+def sends(module):
+    """What ``take_group_heads`` all-gathers, in order: q rows of the weight and bias, o_proj."""
+    q_rows = module.q_size
+    return [module.qkv_proj.weight.data[:q_rows], module.qkv_proj.bias.data[:q_rows],
+            module.o_proj.weight.data]
+
+
+def test_each_rank_holds_the_group_heads(full):
+    from sglang_dcp.model_executor.group_heads import (
+        attention_modules,
+        has_group_heads,
+        take_group_heads,
+    )
+
+    ranks = [Attention(r, full) for r in range(DCP)]
+    assert attention_modules(ranks[0]) == ([("", ranks[0])], "")
+    all_sends = [sends(m) for m in ranks]
+    for rank, module in enumerate(ranks):
+        extra = take_group_heads(module, FakeGroup(rank, all_sends))
+        qkv, o_proj = module.qkv_proj, module.o_proj
+        assert torch.equal(qkv.weight, torch.cat([full["q_weight"], full["kv_weight"]]))
+        assert torch.equal(qkv.bias, torch.cat([full["q_bias"], full["kv_bias"]]))
+        assert torch.equal(o_proj.weight, full["o_weight"])
+        assert (module.num_heads, module.q_size, module.attn.tp_q_head_num) == (
+            HEADS, HEADS * HEAD_DIM, HEADS)
+        assert qkv.output_size_per_partition == qkv.weight.shape[0] == sum(qkv.output_partition_sizes)
+        assert o_proj.input_size_per_partition == o_proj.weight.shape[1]
+        assert has_group_heads(module.attn)
+        per_copy = HEADS_PER_RANK * HEAD_DIM * (2 * HIDDEN + 1) * 4  # q rows + bias, o columns
+        assert extra == (DCP - 1) * per_copy
+        # the model's own split still works: q of every head of the group, then k, v
+        q, k, v = qkv(torch.ones(3, HIDDEN))[0].split([module.q_size, HEAD_DIM, HEAD_DIM], dim=-1)
+        assert q.shape == (3, HEADS * HEAD_DIM) and k.shape == v.shape == (3, HEAD_DIM)
+
+
+@pytest.mark.parametrize("change, phrase", [
+    (lambda m: setattr(m.o_proj, "quant_method", object()), "object weights"),
+    (lambda m: setattr(m, "q_size", 3), "no num_heads / q_size"),
+    (lambda m: delattr(m, "num_heads"), "no num_heads / q_size"),
+    (lambda m: setattr(m.o_proj, "input_is_parallel", False), "o_proj does not take"),
+    (lambda m: setattr(m, "o_proj", torch.nn.Linear(2, 2)), "not built from qkv_proj"),
+])  # fmt: skip
+def test_uncovered_modules_are_named(full, change, phrase):
+    from sglang_dcp.model_executor.group_heads import attention_modules
+
+    module = Attention(0, full)
+    change(module)
+    _, reason = attention_modules(torch.nn.ModuleDict({"layer": module}))
+    assert reason.startswith("layer: ") and phrase in reason, reason
+
+
+def test_a_stray_radix_attention_is_not_covered(full):
+    from sglang_dcp.model_executor.group_heads import attention_modules
+
+    model = torch.nn.ModuleDict({"layer": Attention(0, full), "other": Attention(1, full).attn})
+    assert "outside an attention module" in attention_modules(model)[1]
