@@ -13,6 +13,9 @@
 #   stages     bench_attention_stages.py: that layer's local stages on one GPU, and the
 #              communication time left over against the attention stage's result of this call
 #              or else the one in benchmark/dcp/results
+#   transport  bench_transport.py: the LSE all-gather of --dcp-comm lse, NCCL vs peer-to-peer
+#              symmetric memory vs custom all-reduce, D = 2 and 4 (4 where 4+ GPUs); not in
+#              the default list
 #   upstream   the serving benchmarks (batch 1 and the sweep, DCP only) on upstream SGLang 0.5.16's
 #              own DCP (Triton backend): installs .device-0.5.16 (an offline bundle of the
 #              SGLang 0.5.16 wheels, like .device) into /tmp/site-0.5.16
@@ -58,6 +61,10 @@ for stage in "${stages[@]}"; do
       grep -q "\"card\": \"[0-9]*x ${card#*x }\"" "$full" || full=
       run_stage stages python3 benchmark/dcp/bench_attention_stages.py --dcp 2 --batches 1,32,64,256 \
         --contexts 4096,8192,32768,131072 --steps-per-graph 50 ${full:+--full "$full"} --out "$OUT"
+      ;;
+    transport)
+      setup_env
+      run_stage transport python3 benchmark/dcp/bench_transport.py --dcp-sizes 2,4 --out "$OUT"
       ;;
     upstream)
       [ -f /tmp/site-0.5.16/sgl_offline_env.py ] || bash .device-0.5.16/install.sh
