@@ -3,7 +3,7 @@
 #
 #   bash benchmark/dcp/gpu_check.sh [STAGE ...]     (no STAGE: all of them, in this order)
 #
-# A STAGE A+B[+...] of 2-GPU stages (kernels, e2e-tp2, e2e-llama, e2e-moe, http) runs its parts at once,
+# A STAGE A+B[+...] of 2-GPU stages (kernels, e2e-tp2, e2e-llama, e2e-moe, e2e-fp8, http) runs its parts at once,
 # part i on GPUs 2i,2i+1 (one after another where there are too few GPUs), e.g.
 #
 #   bash benchmark/dcp/gpu_check.sh install kernels+e2e-moe e2e-tp2+e2e-llama e2e-tp4 http summary
@@ -17,6 +17,7 @@
 #   e2e-tp2  test/srt/gpu/test_e2e_gpu.py at tp=2 (1 KV head): dcp 1 vs 2, CUDA graphs on/off
 #   e2e-tp4  the same at tp=4 (2 KV heads); needs 4 GPUs
 #   e2e-llama  the same at tp=2 for Llama at page size 16
+#   e2e-fp8  the same at tp=2 with an FP8 KV cache, DCP storing with scale 0.5 (issue 13)
 #   e2e-moe  the same for Qwen3-MoE (top 2 of 8 experts) at page size 16, its bars scaled by a
 #            no-DCP baseline on the triton attention backend
 #   http     benchmark/dcp/http_check.py: launch_server --tp 2 --dcp 2, /generate,
@@ -37,9 +38,9 @@ run_one() {  # one stage by name
       run_stage kernels python3 -m pytest -q -p no:cacheprovider test/srt/gpu/test_gpu_kernels.py \
         test/srt/gpu/test_gpu_allocator.py --junitxml "$WORK/kernels.xml"
       ;;
-    e2e-tp2|e2e-tp4|e2e-llama|e2e-moe)
+    e2e-tp2|e2e-tp4|e2e-llama|e2e-moe|e2e-fp8)
       setup_env
-      declare -A cases=([e2e-tp2]=tp2-kv1 [e2e-tp4]=tp4-kv2 [e2e-llama]=llama [e2e-moe]=qwen3moe)
+      declare -A cases=([e2e-tp2]=tp2-kv1 [e2e-tp4]=tp4-kv2 [e2e-llama]=llama [e2e-moe]=qwen3moe [e2e-fp8]=fp8-kv)
       DCP_RESULTS_DIR=$WORK run_stage "$1" python3 -m pytest -q -s -p no:cacheprovider \
         test/srt/gpu/test_e2e_gpu.py -k "${cases[$1]}" --junitxml "$WORK/$1.xml"
       ;;
@@ -62,8 +63,8 @@ run_parts() {  # A+B...: part i on GPUs 2i,2i+1 (nvidia-smi's order), all at onc
   IFS=+ read -ra parts <<< "$1"
   for part in "${parts[@]}"; do
     case $part in
-      kernels|e2e-tp2|e2e-llama|e2e-moe|http) ;;
-      *) echo "$1: $part is not a 2-GPU stage (kernels e2e-tp2 e2e-llama e2e-moe http)"; exit 2 ;;
+      kernels|e2e-tp2|e2e-llama|e2e-moe|e2e-fp8|http) ;;
+      *) echo "$1: $part is not a 2-GPU stage (kernels e2e-tp2 e2e-llama e2e-moe e2e-fp8 http)"; exit 2 ;;
     esac
   done
   num_gpus=$(nvidia-smi --list-gpus | wc -l)
@@ -86,7 +87,7 @@ run_parts() {  # A+B...: part i on GPUs 2i,2i+1 (nvidia-smi's order), all at onc
 }
 
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(install kernels e2e-tp2 e2e-tp4 e2e-llama e2e-moe http summary)
+[ ${#stages[@]} -eq 0 ] && stages=(install kernels e2e-tp2 e2e-tp4 e2e-llama e2e-moe e2e-fp8 http summary)
 
 for stage in "${stages[@]}"; do
   case $stage in

@@ -10,8 +10,6 @@ logprobs within ``LOGPROB_TOL`` and exactly D times the logical KV capacity at t
 settings.
 """
 
-import json
-
 import pytest
 
 from sglang_dcp.test.engine_compare import (
@@ -20,7 +18,7 @@ from sglang_dcp.test.engine_compare import (
     run_engine,
     run_engine_isolated,
 )
-from sglang_dcp.test.models import write_random_gqa_model
+from sglang_dcp.test.models import write_kv_cache_scales, write_random_gqa_model
 from sglang_dcp.test.serving import bind_cpu_threads
 
 pytestmark = pytest.mark.e2e
@@ -112,15 +110,6 @@ def test_dcp1_is_bit_identical_to_stock_sglang(tmp_path):
     stock = run_engine_isolated(model, scenario, env={"SGLANG_PLUGINS": "no-such-plugin"}, **kwargs)
     with_plugin = run_engine_isolated(model, scenario, env={"SGLANG_PLUGINS": "dcp"}, dcp_size=1, **kwargs)
     assert with_plugin == stock
-
-
-def write_kv_cache_scales(path: str, scale: float, tp_size: int, num_layers: int, model_type: str) -> str:
-    """A ``--quantization-param-path`` file: FP8 KV-cache scale ``scale`` on every layer and rank."""
-    layers = {layer: scale for layer in range(num_layers)}
-    with open(path, "w") as f:
-        json.dump({"model_type": model_type, "kv_cache": {
-            "dtype": "float8_e4m3fn", "scaling_factor": {rank: layers for rank in range(tp_size)}}}, f)
-    return path
 
 
 def test_fp8_kv_cache_with_scales(tmp_path):

@@ -122,6 +122,15 @@ def write_dummy_gqa_model(
     return path
 
 
+def write_kv_cache_scales(path: str, scale: float, tp_size: int, num_layers: int, model_type: str) -> str:
+    """A ``--quantization-param-path`` file: FP8 KV-cache scale ``scale`` on every layer and rank."""
+    layers = {layer: scale for layer in range(num_layers)}
+    with open(path, "w") as f:
+        json.dump({"model_type": model_type, "kv_cache": {
+            "dtype": "float8_e4m3fn", "scaling_factor": {rank: layers for rank in range(tp_size)}}}, f)
+    return path
+
+
 def write_random_gqa_model(path: str, *, seed: int = 0, **config) -> str:
     """``write_dummy_gqa_model(path, **config)`` plus seeded random weights in safetensors.
 

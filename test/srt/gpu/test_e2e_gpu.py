@@ -9,6 +9,8 @@ weights, which repeat on every TP shard), same requests, same settings but ``dcp
 * ``tp2-llama-page16`` and ``tp2-qwen3moe-page16``: Llama and Qwen3-MoE (8 experts, top 2;
   DCP turns its fused RoPE + KV store off) at page size 16 (a logical page of 32 under DCP2),
   31 prompts up to 16k, decode CUDA graphs on.
+* ``tp2-fp8-kv``: Qwen3 with an FP8 (e4m3) KV cache, DCP storing with scale 0.5 on every
+  layer (``--quantization-param-path``) against a reference without scales, graphs on and off.
 
 Each case requires exactly 2x the logical KV capacity, top-5 logprobs within a tolerance up
 to each request's first differing token, and every greedy divergence a near-tie (the
@@ -26,13 +28,13 @@ import dataclasses
 import json
 import os
 import random
-from typing import List
+from typing import List, Optional
 
 import pytest
 import torch
 
 from sglang_dcp.test.engine_compare import compare, mixed_scenario, run_engine
-from sglang_dcp.test.models import write_random_gqa_model
+from sglang_dcp.test.models import write_kv_cache_scales, write_random_gqa_model
 
 pytestmark = [
     pytest.mark.gpu,
@@ -40,6 +42,7 @@ pytestmark = [
 ]
 
 VOCAB_SIZE = 4096
+NUM_LAYERS = 4
 MAX_NEW_TOKENS = 16
 # bf16 weights, activations and KV: DCP changes the summation order of the softmax
 # (a split over D shards plus an fp32 LSE merge), so near-tied logits can flip.
@@ -63,6 +66,9 @@ class Case:
     graph_modes: List[bool]  # DCP runs with decode CUDA graphs on / off
     noise_baseline: bool  # also dcp=1 on the triton attention backend: bf16 flips without DCP
     experts_per_token: int = 2  # Qwen3-MoE only
+    # FP8 KV cache: the reference stores unscaled (stock SGLang reads no --quantization-param-path
+    # scale back), DCP with this scale on every layer, a power of two: the same values
+    fp8_kv_scale: Optional[float] = None
 
     def prompt_lengths(self, seed=0):
         rng = random.Random(seed)
@@ -76,6 +82,7 @@ CASES = {
     "tp4-kv2": Case(4, 2, "Qwen3ForCausalLM", 1, 48, 13, [16384, 24576, 32000], [True, False], False),
     "tp2-llama-page16": Case(2, 1, "LlamaForCausalLM", 16, 24, 6, [16384], [True], False),
     "tp2-qwen3moe-page16": Case(2, 1, "Qwen3MoeForCausalLM", 16, 24, 6, [16384], [True], True),
+    "tp2-fp8-kv": Case(2, 1, "Qwen3ForCausalLM", 1, 24, 6, [16384], [True, False], False, fp8_kv_scale=0.5),
 }
 
 
@@ -94,6 +101,7 @@ def engine_kwargs(case: Case, graphs: bool):
         cuda_graph_max_bs_decode=80,
         random_seed=0,
         log_level="warning",
+        **({"kv_cache_dtype": "fp8_e4m3"} if case.fp8_kv_scale else {}),
     )
 
 
@@ -108,7 +116,7 @@ def test_dcp2_matches_tp(tmp_path, name):
         num_key_value_heads=case.num_kv_heads,
         head_dim=128,
         hidden_size=1024,
-        num_hidden_layers=4,
+        num_hidden_layers=NUM_LAYERS,
         intermediate_size=2048,
         vocab_size=VOCAB_SIZE,
         architecture=case.architecture,
@@ -123,7 +131,11 @@ def test_dcp2_matches_tp(tmp_path, name):
                "reference_capacity": reference.capacity}
     failures = []
     logprob_tol, tie_tol = LOGPROB_TOL, NEAR_TIE
-    runs = [("dcp2-graphs" if graphs else "dcp2-eager", 2, engine_kwargs(case, graphs))
+    dcp_kwargs = {}
+    if case.fp8_kv_scale:
+        dcp_kwargs["quantization_param_path"] = write_kv_cache_scales(
+            str(tmp_path / "kv_scales.json"), case.fp8_kv_scale, case.tp_size, NUM_LAYERS, "qwen3")
+    runs = [("dcp2-graphs" if graphs else "dcp2-eager", 2, {**engine_kwargs(case, graphs), **dcp_kwargs})
             for graphs in case.graph_modes]
     if case.noise_baseline:  # first: it sets the tolerances
         runs.insert(0, ("dcp1-triton", 1, {**engine_kwargs(case, graphs=True), "attention_backend": "triton"}))
