@@ -7,17 +7,19 @@
 By default it builds SmolLM2-135M-Instruct padded to 12 query heads (3 KV heads, so tp=6 puts
 every KV head on 2 ranks; cached under ``--model-cache``), starts ``python -m
 sglang.launch_server`` once with ``--dcp-size 1`` and once with ``--dcp-size D`` at the same
-memory settings, and asks both, one question at a time, through ``/v1/chat/completions`` at
-temperature 0: a few everyday questions and the first GSM8K questions of
-``data/gsm8k_test_200.jsonl`` (or ``GSM8K_PATH``). It prints both answers side by side, the
-logical KV capacity of each server (``max_total_num_tokens`` of ``/get_server_info``) and how
-many requests of ``--long-prompt`` tokens plus ``--max-new-tokens`` each could hold at once.
+memory settings, and sends each all the questions at once (it batches them) through
+``/v1/chat/completions`` at temperature 0: a few everyday questions and the first GSM8K
+questions of ``data/gsm8k_test_200.jsonl`` (or ``GSM8K_PATH``). It prints both answers side by
+side, the logical KV capacity of each server (``max_total_num_tokens`` of ``/get_server_info``)
+and how many requests of ``--long-prompt`` tokens plus ``--max-new-tokens`` each could hold at
+once.
 ``--random-model`` serves a random-weight Qwen3 (4 * tp query heads, tp / dcp KV heads, a
 byte-level tokenizer) and sends raw text to ``/generate`` instead: its answers are noise, only
 their agreement counts. Exits with 1 unless every answer is identical and the capacity is D x.
 """
 
 import argparse
+import concurrent.futures
 import os
 import sys
 import tempfile
@@ -110,20 +112,22 @@ def server_args(args, dcp_size: int) -> List[str]:
 
 
 def ask(server: Server, questions: List[str], args) -> List[str]:
-    """Greedy answers: one chat completion per question, or one ``/generate`` batch of raw text."""
+    """Greedy answers: one chat completion per question, all sent at once, or one ``/generate`` batch."""
     if args.random_model:
         status, outputs = http_json(server.url + "/generate", {
             "text": questions, "sampling_params": {"max_new_tokens": args.max_new_tokens, "temperature": 0}})
         assert status == 200, outputs
         return [output["text"] for output in outputs]
-    answers = []
-    for question in questions:
+
+    def chat(question: str) -> str:
         status, reply = http_json(server.url + "/v1/chat/completions", {
             "model": "default", "messages": [{"role": "user", "content": question}],
             "max_tokens": args.max_new_tokens, "temperature": 0})
         assert status == 200, reply
-        answers.append(reply["choices"][0]["message"]["content"])
-    return answers
+        return reply["choices"][0]["message"]["content"]
+
+    with concurrent.futures.ThreadPoolExecutor(len(questions)) as pool:  # the server batches them
+        return list(pool.map(chat, questions))
 
 
 def serve_and_ask(args, dcp_size: int, questions: List[str], work: str) -> ServedRun:
