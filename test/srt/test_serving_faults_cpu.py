@@ -38,11 +38,15 @@ import soak  # noqa: E402
 pytestmark = pytest.mark.e2e
 
 VOCAB_SIZE = 1024
-CONTEXT_LENGTH = 16384
-MAX_TOTAL_TOKENS = 4096  # physical rows per rank: 4096 logical tokens at dcp 1, 8192 at dcp 2
+CONTEXT_LENGTH = 32768
+MAX_TOTAL_TOKENS = 12288  # physical rows per rank: 12288 logical tokens at dcp 1, 24576 at dcp 2
 CHUNKED_PREFILL_SIZE = 64
 MAX_RUNNING_REQUESTS = 8
-LONG_PROMPT = 3000  # 47 chunks: seconds of prefill on 2 cores
+# 157 chunks, over 10 s of prefill on 2 idle cores: the abort of a client that hangs up 1 s in
+# reaches the scheduler ~4 s in (SGLang polls for a disconnect every
+# SGLANG_REQUEST_STATE_WAIT_TIMEOUT s) and must land mid-prefill; 3000 tokens (2.4 s) did not
+# on idle cores. The dcp 1 reference holds it too.
+LONG_PROMPT = 10000
 LEAK_MESSAGES = ("memory leak detected", "Mem Leak Detected", "replicas disagree")
 SERVER_ENV = {
     "SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1",
