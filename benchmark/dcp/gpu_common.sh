@@ -1,6 +1,6 @@
 # Shared by gpu_check.sh and gpu_bench.sh (sourced from the repo root on the GPU machine).
 # WORK collects logs and per-stage results while the machine is warm; OUT gets what comes back.
-WORK=${WORK:-/tmp/dcp_gpu_work}
+export WORK=${WORK:-/tmp/dcp_gpu_work}
 OUT=${OUT:-$WORK/out}
 mkdir -p "$WORK" "$OUT"
 
@@ -30,14 +30,18 @@ free_gpus() {  # kill what an earlier stage stopped by a timeout left on the GPU
 
 run_stage() {  # name, command...: log to $WORK/<name>.log, record the exit code and time;
   # STAGE_TIMEOUT (seconds; unset: none) stops the command there (exit code 124), so that a
-  # stage cut short still leaves the call time to pack its results
+  # stage cut short still leaves the call time to pack its results. KEEP_GPU_PROCESSES=1: the
+  # stage shares its GPU with others running now, so nothing on it is killed first
   local name=$1; shift
   local t0=$SECONDS
-  free_gpus
+  [ "${KEEP_GPU_PROCESSES:-0}" = 1 ] || free_gpus
   echo "=== $name: $*"
   timeout "${STAGE_TIMEOUT:-0}" "$@" > "$WORK/$name.log" 2>&1
   local rc=$?
-  echo "{\"stage\": \"$name\", \"returncode\": $rc, \"seconds\": $((SECONDS - t0))}" > "$WORK/stage_$name.json"
+  local shared=false
+  [ "${SGLANG_DCP_SHARED_GPU:-0}" = 1 ] && shared=true
+  echo "{\"stage\": \"$name\", \"returncode\": $rc, \"seconds\": $((SECONDS - t0)), \"shared_gpu\": $shared}" \
+    > "$WORK/stage_$name.json"
   tail -n 5 "$WORK/$name.log"
   echo "=== $name: rc=$rc in $((SECONDS - t0)) s"
 }

@@ -5,7 +5,9 @@ every greedy request that completed on both must have the same output tokens.
         --candidate-url http://127.0.0.1:30002 --num-requests 1000 --time-limit 1800 --out soak.json
 
 or, with no URLs, it serves a random-weight Qwen3 itself (tp 2, 1 KV head; ``--device cpu``
-or ``cuda``) with ``--dcp-size 1`` and ``--dcp-size 2`` side by side.
+or ``cuda``) with ``--dcp-size 1`` and, beside it, ``--dcp-size 2`` once per ``--dcp-comm``
+(``--dcp-comm a2a,lse``: two DCP servers, each compared with the reference). With
+``SGLANG_DCP_SHARED_GPU=1`` every server's ranks share one GPU (eager, gloo).
 
 The stream (seeded, ``input_ids`` only) comes in bursts of 1 to ``3 x --max-running-requests``
 concurrent requests, so the scheduler queues: prompts from 1 token to several
@@ -16,7 +18,7 @@ stops after ``--num-requests`` requests or ``--time-limit`` seconds, whichever i
 prints a table and writes JSON.
 
 A greedy pair differs either at a near-tie or for real. On CPU in float32 nothing ties, so
-every difference counts. On GPU (bf16), ``--near-tie-gap G`` asks for top-5 logprobs and
+every difference counts. On GPU (bf16), ``--near-tie-gap G`` asks for the top-20 logprobs and
 counts a difference only if the reference rated the candidate's token more than ``G`` below
 its own at the first differing position (``engine_compare.divergence_gap``); run it with
 more requests per burst than the largest captured CUDA-graph batch (``--burst``) so the
@@ -27,6 +29,7 @@ import argparse
 import concurrent.futures
 import dataclasses
 import json
+import math
 import os
 import random
 import sys
@@ -34,7 +37,7 @@ import tempfile
 import threading
 import time
 from contextlib import ExitStack
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from tqdm import tqdm
 
@@ -42,6 +45,8 @@ from sglang_dcp.test.engine_compare import RequestResult, divergence_gap
 from sglang_dcp.test.serving import http_json, stream_generate
 
 ABORT_BY = ("hang-up", "abort_request")
+# With --near-tie-gap: the reference's best tokens per position that a split is judged by
+TOP_LOGPROBS = 20
 
 
 @dataclasses.dataclass
@@ -96,7 +101,7 @@ def send(url: str, plan: Plan, logprobs: bool) -> Outcome:
         "max_new_tokens": plan.max_new_tokens, "temperature": 0.8, "top_p": 0.9, "sampling_seed": plan.index}
     body = {"rid": rid, "input_ids": plan.input_ids, "sampling_params": sampling}
     if logprobs:
-        body.update(return_logprob=True, top_logprobs_num=5)
+        body.update(return_logprob=True, top_logprobs_num=TOP_LOGPROBS)
     timer = None
     if plan.abort_by == "abort_request":
         timer = threading.Timer(plan.abort_after_s, http_json, (url + "/abort_request", {"rid": rid}))
@@ -126,27 +131,30 @@ def send(url: str, plan: Plan, logprobs: bool) -> Outcome:
     return outcome
 
 
-def judge(ref: Outcome, cand: Outcome, near_tie_gap: Optional[float]) -> str:
-    """'same', 'near-tie' or 'mismatch' for a greedy request completed on both servers."""
+def judge(ref: Outcome, cand: Outcome, near_tie_gap: Optional[float]) -> Tuple[str, float]:
+    """'same', 'near-tie' or 'mismatch' for a greedy request completed on both servers, and
+    the reference's gap at the split (``engine_compare.divergence_gap``; 0 if the same)."""
     if ref.output_ids == cand.output_ids:
-        return "same"
+        return "same", 0.0
     if near_tie_gap is None:
-        return "mismatch"
+        return "mismatch", math.inf
     split = next((i for i, (a, b) in enumerate(zip(ref.output_ids, cand.output_ids)) if a != b), None)
     if split is None:  # one output is a prefix of the other: no split to judge
-        return "mismatch"
+        return "mismatch", math.inf
     result = RequestResult(ref.output_ids, [], ref.top_logprobs, ref.top_ids, greedy=True)
-    return "near-tie" if divergence_gap(result, split, cand.output_ids[split]) <= near_tie_gap else "mismatch"
+    gap = divergence_gap(result, split, cand.output_ids[split])
+    return ("near-tie" if gap <= near_tie_gap else "mismatch"), gap
 
 
 def run(args) -> Dict:
     bursts = make_bursts(args)
-    urls = {"reference": args.reference_url, "candidate": args.candidate_url}
+    urls = {"reference": args.reference_url, **args.candidate_urls}
+    candidates = list(args.candidate_urls)
     outcomes: Dict[str, Dict[int, Outcome]] = {name: {} for name in urls}
     plans: List[Plan] = []
     logprobs = args.near_tie_gap is not None
     start = time.time()
-    workers = concurrent.futures.ThreadPoolExecutor(2 * args.burst)
+    workers = concurrent.futures.ThreadPoolExecutor(len(urls) * args.burst)
     with tqdm(total=args.num_requests, desc="soak", unit="req", file=sys.stdout) as bar:
         for burst in bursts:
             if time.time() - start > args.time_limit:
@@ -160,15 +168,20 @@ def run(args) -> Dict:
     workers.shutdown()
     wall_s = time.time() - start
 
-    verdicts, failures = {"same": 0, "near-tie": 0, "mismatch": 0}, []
+    verdicts = {name: {"same": 0, "near-tie": 0, "mismatch": 0} for name in candidates}
+    failures = {name: [] for name in candidates}
+    max_gap = {name: 0.0 for name in candidates}
     for plan in plans:
-        ref, cand = outcomes["reference"][plan.index], outcomes["candidate"][plan.index]
-        if plan.greedy and not ref.aborted and not cand.aborted:
-            verdict = judge(ref, cand, args.near_tie_gap)
-            verdicts[verdict] += 1
-            if verdict == "mismatch":
-                failures.append({"index": plan.index, "prompt_len": len(plan.input_ids),
-                                 "reference": ref.output_ids, "candidate": cand.output_ids})
+        ref = outcomes["reference"][plan.index]
+        for name in candidates:
+            cand = outcomes[name][plan.index]
+            if plan.greedy and not ref.aborted and not cand.aborted:
+                verdict, gap = judge(ref, cand, args.near_tie_gap)
+                verdicts[name][verdict] += 1
+                max_gap[name] = max(max_gap[name], gap)
+                if verdict == "mismatch":
+                    failures[name].append({"index": plan.index, "prompt_len": len(plan.input_ids),
+                                           "reference": ref.output_ids, "candidate": cand.output_ids})
     summary = {
         "sent": len(plans),
         "wall_s": round(wall_s, 1),
@@ -179,27 +192,29 @@ def run(args) -> Dict:
         "aborted": {n: sum(o.aborted for o in outcomes[n].values()) for n in urls},
         "errors": {n: sum(bool(o.error) for o in outcomes[n].values()) for n in urls},
         "error_examples": {n: [dataclasses.asdict(o) for o in outcomes[n].values() if o.error][:5] for n in urls},
-        "compared": sum(verdicts.values()),
-        "identical": verdicts["same"],
-        "near_ties": verdicts["near-tie"],
-        "mismatched": verdicts["mismatch"],
-        "mismatches": failures[:10],
+        "candidates": {name: {"compared": sum(verdicts[name].values()), "identical": verdicts[name]["same"],
+                              "near_ties": verdicts[name]["near-tie"], "mismatched": verdicts[name]["mismatch"],
+                              "max_gap": max_gap[name],
+                              "mismatches": failures[name][:10]} for name in candidates},
         "config": vars(args),
     }
     print(f"\n{'':10} {'sent':>6} {'completed':>10} {'aborted':>8} {'errors':>7}")
     for name in urls:
         print(f"{name:10} {len(plans):>6} {summary['completed'][name]:>10} {summary['aborted'][name]:>8} "
               f"{summary['errors'][name]:>7}")
-    print(f"greedy completed on both: {summary['compared']}, identical {summary['identical']}, "
-          f"near-ties {summary['near_ties']}, mismatched {summary['mismatched']}; {wall_s:.0f} s")
+    for name, c in summary["candidates"].items():
+        print(f"{name}: greedy completed on both it and the reference: {c['compared']}, identical "
+              f"{c['identical']}, near-ties {c['near_ties']}, mismatched {c['mismatched']}")
+    print(f"{wall_s:.0f} s")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(summary, f, indent=1)
     return summary
 
 
-def serve_both(args, stack: ExitStack) -> None:
-    """Start a random-weight model's dcp 1 and dcp 2 servers; set the args' URLs."""
+def serve_all(args, stack: ExitStack) -> None:
+    """Start a random-weight model's dcp 1 server and a dcp 2 server per ``--dcp-comm``; set
+    the args' URLs."""
     from sglang_dcp.test.cpu_env import use_cpu_env
     from sglang_dcp.test.models import write_random_gqa_model
     from sglang_dcp.test.serving import Server, device_server_args, write_byte_tokenizer
@@ -210,23 +225,27 @@ def serve_both(args, stack: ExitStack) -> None:
     model = write_random_gqa_model(
         os.path.join(work, "model"), num_attention_heads=4, num_key_value_heads=1,
         vocab_size=args.vocab_size, max_position_embeddings=16384,
-        torch_dtype="float32" if args.device == "cpu" else "bfloat16")
+        **(dict(torch_dtype="float32") if args.device == "cpu" else dict(torch_dtype="bfloat16", head_dim=128)))
     write_byte_tokenizer(model, vocab_size=args.vocab_size, model_vocab_size=args.vocab_size)
     os.environ.setdefault("SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE", "1")
-    common = ["--model-path", model, "--tp-size", "2", *device_server_args(args.device, 2),
-              "--chunked-prefill-size", str(args.chunk), "--max-running-requests",
-              str(args.max_running_requests), "--grammar-backend", "none", "--random-seed", "0"]
+    common = ["--model-path", model, "--tp-size", "2", "--chunked-prefill-size", str(args.chunk),
+              "--max-running-requests", str(args.max_running_requests), "--grammar-backend", "none",
+              "--random-seed", "0"]
     if args.device == "cpu":
         common += ["--dtype", "float32", "--mem-fraction-static", "0.3", "--max-total-tokens", "4096"]
     else:
         common += ["--mem-fraction-static", "0.3", "--cuda-graph-max-bs-decode", str(args.max_running_requests // 2)]
-    servers = [Server(common + ["--dcp-size", str(d)], args.port + d, os.path.join(work, f"dcp{d}.log"))
-               for d in (1, 2)]
-    print(f"starting dcp 1 and dcp 2 servers; logs in {work}")
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    common += device_server_args(args.device, 2)  # last: the shared-GPU mode's settings win
+    comms = args.dcp_comm.split(",")
+    servers = [Server(common + ["--dcp-size", "1"], args.port, os.path.join(work, "dcp1.log"))]
+    servers += [Server(common + ["--dcp-size", "2", "--dcp-comm", comm], args.port + 1 + i,
+                       os.path.join(work, f"dcp2-{comm}.log")) for i, comm in enumerate(comms)]
+    print(f"starting the dcp 1 server and {len(comms)} dcp 2 server(s); logs in {work}")
+    with concurrent.futures.ThreadPoolExecutor(len(servers)) as pool:
         for future in [pool.submit(stack.enter_context, s) for s in servers]:
             future.result()
-    args.reference_url, args.candidate_url = servers[0].url, servers[1].url
+    args.reference_url = servers[0].url
+    args.candidate_urls = {f"dcp2-{comm}": server.url for comm, server in zip(comms, servers[1:])}
 
 
 def parse_args(argv=None):
@@ -234,7 +253,8 @@ def parse_args(argv=None):
     parser.add_argument("--reference-url", help="dcp 1 server (default: start one)")
     parser.add_argument("--candidate-url", help="DCP server (default: start one)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="for servers it starts")
-    parser.add_argument("--port", type=int, default=30400, help="servers it starts use port + dcp size")
+    parser.add_argument("--port", type=int, default=30400, help="servers it starts use port, port + 1, ...")
+    parser.add_argument("--dcp-comm", default="a2a", help="servers it starts: one DCP server per value (a2a,lse)")
     parser.add_argument("--num-requests", type=int, default=1000)
     parser.add_argument("--time-limit", type=float, default=1800, help="seconds; no burst starts after it")
     parser.add_argument("--chunk", type=int, default=64, help="the servers' --chunked-prefill-size")
@@ -250,6 +270,7 @@ def parse_args(argv=None):
     parser.add_argument("--out", help="JSON results")
     args = parser.parse_args(argv)
     args.burst = args.burst or 3 * args.max_running_requests
+    args.candidate_urls = {"candidate": args.candidate_url} if args.candidate_url else {}
     return args
 
 
@@ -260,9 +281,10 @@ def main():
             raise SystemExit(f"--reference-url / --candidate-url must be on 127.0.0.1, got {url}")
     with ExitStack() as stack:
         if not (args.reference_url and args.candidate_url):
-            serve_both(args, stack)
+            serve_all(args, stack)
         summary = run(args)
-    raise SystemExit(0 if summary["mismatched"] == 0 and not any(summary["errors"].values()) else 1)
+    mismatched = any(c["mismatched"] for c in summary["candidates"].values())
+    raise SystemExit(0 if not mismatched and not any(summary["errors"].values()) else 1)
 
 
 if __name__ == "__main__":

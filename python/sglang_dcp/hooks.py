@@ -4,9 +4,14 @@ Each hook is a no-op pass-through unless ``--dcp-size`` > 1. SGLang only logs a 
 fails to apply, so ``require_hooks_applied`` checks the table against the registry and
 raises; it runs in the launching process (``DCPServerArgs``) and in every scheduler
 process (when the DCP group is created).
+
+Test modes add tables of their own from ``sglang_dcp.test`` (``TEST_MODES``), each only in
+processes whose environment sets its variable to ``1``; a product run never has them.
 """
 
 import contextlib
+import importlib
+import os
 from typing import Callable, NamedTuple, Union
 
 from sglang.srt.plugins.hook_registry import HookRegistry, HookType
@@ -98,14 +103,30 @@ HOOKS = (
 )
 
 
+# Test-only hook tables: environment variable -> module with ``HOOKS`` and ``on_enable()``.
+TEST_MODES = {"SGLANG_DCP_SHARED_GPU": "sglang_dcp.test.shared_gpu"}
+
+
+def enabled_test_modes() -> list:
+    return [importlib.import_module(module) for env, module in TEST_MODES.items() if os.environ.get(env) == "1"]
+
+
+def active_hooks() -> tuple:
+    """``HOOKS`` and the tables of the test modes enabled in this process."""
+    return HOOKS + tuple(hook for mode in enabled_test_modes() for hook in mode.HOOKS)
+
+
 def register() -> None:
-    """Entry point of group ``sglang.srt.plugins``: register every hook of the table."""
-    for hook in HOOKS:
+    """Entry point of group ``sglang.srt.plugins``: register every hook of the table (and of
+    the test modes the environment enables)."""
+    for mode in enabled_test_modes():
+        mode.on_enable()
+    for hook in active_hooks():
         HookRegistry.register(hook.target, hook.hook, hook.kind)
 
 
 def require_hooks_applied() -> None:
-    missing = [hook.target for hook in HOOKS if hook.target not in HookRegistry._patched]
+    missing = [hook.target for hook in active_hooks() if hook.target not in HookRegistry._patched]
     if missing:
         raise RuntimeError(
             "sglang-dcp: these SGLang hooks did not apply (see the 'Failed to apply hooks' "

@@ -23,6 +23,7 @@ from test_e2e_cpu import CHUNKED_PREFILL_SIZE, LOGPROB_TOL, VOCAB_SIZE, cpu_engi
 from sglang_dcp.test.engine_compare import (
     Batch,
     compare,
+    pressure_scenario,
     random_ids,
     run_engine,
     run_engine_isolated,
@@ -39,24 +40,11 @@ STRICT_MEM_CHECKS = {
 }
 
 
-def pressure_scenario(num_prompts: int, max_new_tokens: int, seed: int = 0):
-    """Greedy prompts of 32-96 tokens sent at once; then the same prompts again, each
-    extended by 4-20 tokens, plus exact repeats of a quarter of them, latest first: the
-    prompts that finished last are the ones still cached when the replay arrives."""
-    rng = random.Random(seed)
-    prompts = [random_ids(rng, rng.randrange(32, 97), VOCAB_SIZE) for _ in range(num_prompts)]
-    latest_first = prompts[::-1]
-    replay = [p + random_ids(rng, rng.randrange(4, 21), VOCAB_SIZE) for p in latest_first]
-    replay += latest_first[: num_prompts // 4]
-    greedy = {"max_new_tokens": max_new_tokens, "temperature": 0.0}
-    return [Batch(prompts, greedy), Batch(replay, greedy)]
-
-
 def test_memory_pressure_retract_evict(tmp_path):
     model = write_random_gqa_model(
         str(tmp_path / "model"), num_attention_heads=4, num_key_value_heads=1, vocab_size=VOCAB_SIZE
     )
-    scenario = pressure_scenario(num_prompts=24, max_new_tokens=32)
+    scenario = pressure_scenario(VOCAB_SIZE, num_prompts=24, max_new_tokens=32)
     load = sum(len(p) + b.sampling_params["max_new_tokens"] for b in scenario for p in b.input_ids)
     kwargs = {**cpu_engine_kwargs(2), "enable_metrics": True}
 

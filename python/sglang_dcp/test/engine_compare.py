@@ -35,13 +35,15 @@ class Batch:
     # SGLang 0.5.14 never mixes a prefill that returns logprobs, or decodes that do, into one
     # batch (Scheduler.get_new_batch_prefill): a mixed-chunk scenario asks for none.
     return_logprob: bool = True
+    # How many of the most likely tokens to return per position (their ids and logprobs)
+    top_logprobs_num: int = 5
 
 
 @dataclasses.dataclass
 class RequestResult:
     output_ids: List[int]
     token_logprobs: List[float]
-    top_logprobs: List[List[float]]  # per position, the 5 best logprobs (descending)
+    top_logprobs: List[List[float]]  # per position, the best logprobs (descending)
     top_ids: List[List[int]]  # their token ids
     greedy: bool  # temperature 0
     num_retractions: int = 0  # times the scheduler retracted it (decode out of KV memory)
@@ -85,6 +87,7 @@ def mixed_scenario(
     max_new_tokens: int,
     seed: int = 0,
     num_prefix_hits: int = 3,
+    top_logprobs_num: int = 5,
 ) -> List[Batch]:
     """Three batches: greedy prompts of mixed ``lengths``; greedy prompts that extend the
     longest of them (radix-cache prefix hits) plus an exact repeat; seeded sampling."""
@@ -95,10 +98,25 @@ def mixed_scenario(
     greedy = {"max_new_tokens": max_new_tokens, "temperature": 0.0}
     sampled = {"max_new_tokens": max_new_tokens, "temperature": 0.8, "top_p": 0.9, "sampling_seed": 1234}
     return [
-        Batch(prompts, greedy),
-        Batch(extended + [prompts[0]], greedy),
-        Batch(prompts[:3], sampled),
+        Batch(prompts, greedy, top_logprobs_num=top_logprobs_num),
+        Batch(extended + [prompts[0]], greedy, top_logprobs_num=top_logprobs_num),
+        Batch(prompts[:3], sampled, top_logprobs_num=top_logprobs_num),
     ]
+
+
+def pressure_scenario(vocab_size: int, num_prompts: int, max_new_tokens: int, seed: int = 0,
+                      top_logprobs_num: int = 5) -> List[Batch]:
+    """Greedy prompts of 32-96 tokens sent at once; then the same prompts again, each
+    extended by 4-20 tokens, plus exact repeats of a quarter of them, latest first: the
+    prompts that finished last are the ones still cached when the replay arrives."""
+    rng = random.Random(seed)
+    prompts = [random_ids(rng, rng.randrange(32, 97), vocab_size) for _ in range(num_prompts)]
+    latest_first = prompts[::-1]
+    replay = [p + random_ids(rng, rng.randrange(4, 21), vocab_size) for p in latest_first]
+    replay += latest_first[: num_prompts // 4]
+    greedy = {"max_new_tokens": max_new_tokens, "temperature": 0.0}
+    return [Batch(prompts, greedy, top_logprobs_num=top_logprobs_num),
+            Batch(replay, greedy, top_logprobs_num=top_logprobs_num)]
 
 
 # Prometheus counters (names as sampled) -> SchedulerCounts fields
@@ -159,7 +177,7 @@ def request_result(out: Dict, batch: Batch) -> RequestResult:
 
 
 def logprob_args(batch: Batch) -> Dict:
-    return dict(return_logprob=True, top_logprobs_num=5) if batch.return_logprob else {}
+    return dict(return_logprob=True, top_logprobs_num=batch.top_logprobs_num) if batch.return_logprob else {}
 
 
 async def generate_overlapping(engine, batches: List[Batch]) -> Tuple[List[Dict], int]:
@@ -248,14 +266,27 @@ def run_engine_isolated(
 
 
 @dataclasses.dataclass
+class Split:
+    """Where a greedy request's outputs first differ: ``gap`` as in ``Agreement``; ``spread``
+    is the reference's top-1 minus its last returned logprob there, so a token outside the
+    returned ones is at least ``spread`` below the top (a small spread: a flat distribution)."""
+
+    request: int
+    position: int
+    gap: float
+    spread: float
+
+
+@dataclasses.dataclass
 class Agreement:
     num_requests: int
     identical_requests: int
     max_logprob_diff: float  # over positions up to and including the first differing token
     # At each greedy request's first differing token: how much less likely the reference found the
     # candidate's token than its own (top-1 logprob minus the candidate token's, inf if it is
-    # not among the reference's top 5). Small: the outputs split at a near-tie.
+    # not among the reference's top logprobs). Small: the outputs split at a near-tie.
     max_divergence_gap: float
+    splits: List[Split] = dataclasses.field(default_factory=list)
 
     @property
     def identical_fraction(self) -> float:
@@ -275,8 +306,8 @@ def compare(reference: EngineRun, candidate: EngineRun) -> Agreement:
     """Greedy/sampled id agreement, the largest |logprob| difference (output token and
     top-5 values) over the common prefix of each request's outputs, and the largest
     near-tie gap where greedy outputs differ."""
-    identical, max_diff, max_gap = 0, 0.0, 0.0
-    for ref, cand in zip(reference.results, candidate.results, strict=True):
+    identical, max_diff, splits = 0, 0.0, []
+    for index, (ref, cand) in enumerate(zip(reference.results, candidate.results, strict=True)):
         identical += ref.output_ids == cand.output_ids
         same = next(
             (i for i, (a, b) in enumerate(zip(ref.output_ids, cand.output_ids)) if a != b),
@@ -289,8 +320,10 @@ def compare(reference: EngineRun, candidate: EngineRun) -> Agreement:
                 diffs = np.append(diffs, abs(ref.token_logprobs[i] - cand.token_logprobs[i]))
             max_diff = max(max_diff, float(diffs.max()))
         if ref.greedy and same < min(len(ref.output_ids), len(cand.output_ids)):
-            max_gap = max(max_gap, divergence_gap(ref, same, cand.output_ids[same]))
-    return Agreement(len(reference.results), identical, max_diff, max_gap)
+            spread = ref.top_logprobs[same][0] - ref.top_logprobs[same][-1] if same < len(ref.top_logprobs) else math.inf
+            splits.append(Split(index, same, divergence_gap(ref, same, cand.output_ids[same]), spread))
+    max_gap = max((split.gap for split in splits), default=0.0)
+    return Agreement(len(reference.results), identical, max_diff, max_gap, splits)
 
 
 if __name__ == "__main__":  # the child process of run_engine_isolated

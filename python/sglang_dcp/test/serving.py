@@ -79,12 +79,17 @@ def bind_cpu_threads(tp_size: int) -> None:
 
 
 def device_server_args(device: str, tp_size: int) -> List[str]:
-    """``--device`` and the attention backend DCP runs there (binding CPU threads on CPU)."""
+    """``--device`` and the attention backend DCP runs there (binding CPU threads on CPU); in
+    the shared-GPU test mode (all ranks on one GPU) a small share of the device and eager."""
     from sglang_dcp.server_args import DCP_ATTENTION_BACKENDS
+    from sglang_dcp.test.shared_gpu import shared_gpu_enabled
 
+    args = ["--device", device, "--attention-backend", DCP_ATTENTION_BACKENDS[device]]
     if device == "cpu":
         bind_cpu_threads(tp_size)
-    return ["--device", device, "--attention-backend", DCP_ATTENTION_BACKENDS[device]]
+    elif shared_gpu_enabled():
+        args += ["--disable-cuda-graph", "--mem-fraction-static", "0.1", "--max-total-tokens", "65536"]
+    return args
 
 
 def http_json(url: str, body: Optional[dict] = None, timeout: float = 600):
