@@ -214,8 +214,8 @@ def test_dcp_matches_tp(tmp_path, name):
             record = run_record(label, case.dcp_size, comm, graphs, reference, candidate)
             failures += judge(record, case.dcp_size, logprob_tol, tie_tol)
             results["runs"].append(record)
+            write_results(name, results)  # after every run: a stage cut short keeps what it ran
             print(name, {k: v for k, v in record.items() if k != "splits"}, flush=True)
-    write_results(name, results)
     assert not failures, failures
 
 
@@ -253,7 +253,7 @@ def test_memory_pressure(tmp_path, monkeypatch):
             if not (counts.retracted_requests > 0 and counts.evicted_tokens > 0):
                 failures.append(f"{label}: no retraction or eviction under pressure: {counts}")
         results["runs"].append(record)
+        write_results("tp2-pressure", results)
         print("pressure", {k: v for k, v in record.items() if k != "splits"}, flush=True)
-    write_results("tp2-pressure", results)
     assert load >= 4 * PRESSURE_CAPACITY
     assert not failures, failures
