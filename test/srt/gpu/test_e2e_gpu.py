@@ -112,8 +112,8 @@ CASES = {
 }
 
 
-def engine_kwargs(tp_size: int, page_size: int, graphs: bool, **extra):
-    return dict(
+def engine_kwargs(tp_size: int, page_size: int, graphs: bool, **overrides):
+    return {**dict(
         tp_size=tp_size,
         page_size=page_size,
         mem_fraction_static=MEM_FRACTION,
@@ -126,8 +126,8 @@ def engine_kwargs(tp_size: int, page_size: int, graphs: bool, **extra):
         cuda_graph_max_bs_decode=80,
         random_seed=0,
         log_level="warning",
-        **{"attention_backend": "flashinfer", **extra},
-    )
+        attention_backend="flashinfer",
+    ), **overrides}
 
 
 def skip_without_gpus(tp_size: int) -> None:
