@@ -28,7 +28,8 @@ free_gpus() {  # kill what an earlier stage stopped by a timeout left on the GPU
   done
 }
 
-run_stage() {  # name, command...: log to $WORK/<name>.log, record the exit code and time;
+run_stage() {  # name, command...: log to $WORK/<name>.log, record the exit code, time and
+  # commit (DCP_COMMIT); the command sees its stage's name in DCP_STAGE;
   # STAGE_TIMEOUT (seconds; unset: none) stops the command there (exit code 124), so that a
   # stage cut short still leaves the call time to pack its results. KEEP_GPU_PROCESSES=1: the
   # stage shares its GPU with others running now, so nothing on it is killed first
@@ -36,12 +37,12 @@ run_stage() {  # name, command...: log to $WORK/<name>.log, record the exit code
   local t0=$SECONDS
   [ "${KEEP_GPU_PROCESSES:-0}" = 1 ] || free_gpus
   echo "=== $name: $*"
-  timeout "${STAGE_TIMEOUT:-0}" "$@" > "$WORK/$name.log" 2>&1
+  DCP_STAGE=$name timeout "${STAGE_TIMEOUT:-0}" "$@" > "$WORK/$name.log" 2>&1
   local rc=$?
   local shared=false
   [ "${SGLANG_DCP_SHARED_GPU:-0}" = 1 ] && shared=true
-  echo "{\"stage\": \"$name\", \"returncode\": $rc, \"seconds\": $((SECONDS - t0)), \"shared_gpu\": $shared}" \
-    > "$WORK/stage_$name.json"
+  echo "{\"stage\": \"$name\", \"returncode\": $rc, \"seconds\": $((SECONDS - t0)), \"shared_gpu\": $shared," \
+    "\"commit\": \"${DCP_COMMIT:-unknown}\", \"finished\": \"$(date -u '+%Y-%m-%d %H:%M UTC')\"}" > "$WORK/stage_$name.json"
   tail -n 5 "$WORK/$name.log"
   echo "=== $name: rc=$rc in $((SECONDS - t0)) s"
 }

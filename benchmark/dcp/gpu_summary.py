@@ -5,7 +5,8 @@
 CARD names the GPUs (``gpu_card`` of gpu_common.sh, e.g. "2x NVIDIA H100 80GB HBM3"). OUT_JSON
 gets every stage and result; beside it, ``gpu_shared.json`` gets one row per DCP run made in
 the shared-GPU test mode (card, date, commit, case, comm, requests, identical, max gap,
-capacity ratio, pass), the rows the README's GPU proof table quotes.
+capacity ratio, pass), the rows the README's GPU proof table quotes. A row's date and commit
+are those its stage recorded when it finished (else the summary's, and COMMIT).
 """
 
 import datetime
@@ -35,7 +36,7 @@ def load_all(pattern: str) -> list:
 def e2e_rows(result: dict) -> list:
     """One row per DCP run of an e2e case (the dcp 1 baseline sets tolerances, no row)."""
     return [
-        {"case": result["case"], "comm": run["comm"], "graphs": run["graphs"], "requests": run["requests"],
+        {"stage": result.get("stage"), "case": result["case"], "comm": run["comm"], "graphs": run["graphs"], "requests": run["requests"],
          "identical": run["identical"], "max_logprob_diff": round(run["max_logprob_diff"], 4),
          "max_gap": run["max_divergence_gap"], "capacity_ratio": run["capacity_ratio"], "pass": run["pass"],
          "shared_gpu": result["shared_gpu"]}
@@ -47,7 +48,7 @@ def soak_rows(soak: dict, shared_gpu: bool) -> list:
     """One row per DCP server of a soak: its greedy requests completed on both it and the
     reference; it passes with no mismatch beyond a near-tie and no error."""
     return [
-        {"case": f"soak-{soak['sent']}", "comm": name.rsplit("-", 1)[-1], "graphs": not shared_gpu,
+        {"stage": "soak", "case": f"soak-{soak['sent']}", "comm": name.rsplit("-", 1)[-1], "graphs": not shared_gpu,
          "requests": c["compared"], "identical": c["identical"], "near_ties": c["near_ties"],
          "max_gap": c["max_gap"], "capacity_ratio": None,
          "pass": c["mismatched"] == 0 and soak["errors"][name] == 0, "shared_gpu": shared_gpu}
@@ -57,7 +58,7 @@ def soak_rows(soak: dict, shared_gpu: bool) -> list:
 
 def http_rows(http: dict, shared_gpu: bool) -> list:
     bench = http["bench_serving"]
-    return [{"case": "http", "comm": http["dcp_comm"], "graphs": not shared_gpu,
+    return [{"stage": "http", "case": "http", "comm": http["dcp_comm"], "graphs": not shared_gpu,
              "requests": bench["num_prompts"], "identical": None, "completed": bench["completed"],
              "max_gap": None, "capacity_ratio": None, "pass": http["ok"], "shared_gpu": shared_gpu}]
 
@@ -91,7 +92,8 @@ def main():
             summary["soak"] = json.load(f)
         rows += soak_rows(summary["soak"], shared.get("soak", False))
     for row in rows:
-        row.update(card=card, date=summary["date"], commit=commit)
+        stage = summary["stages"].get(row.pop("stage"), {})
+        row.update(card=card, date=stage.get("finished", summary["date"]), commit=stage.get("commit", commit))
     summary["rows"] = rows
     with open(out_json, "w") as f:
         json.dump(summary, f, indent=1)

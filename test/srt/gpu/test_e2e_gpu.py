@@ -196,7 +196,7 @@ def test_dcp_matches_tp(tmp_path, name):
     fp8 = {"kv_cache_dtype": "fp8_e4m3"} if case.fp8_kv_scale else {}
     reference = run_engine(model, scenario, dcp_size=1,
                            **engine_kwargs(case.tp_size, case.page_size, graph_modes[0], **fp8))
-    results = {"case": name, **dataclasses.asdict(case), "shared_gpu": SHARED_GPU,
+    results = {"case": name, "stage": os.environ.get("DCP_STAGE"), **dataclasses.asdict(case), "shared_gpu": SHARED_GPU,
                "skipped_graph_modes": sorted(set(case.graph_modes) - set(graph_modes)),
                "num_requests": len(reference.results), "reference_capacity": reference.capacity, "runs": []}
     logprob_tol, tie_tol = LOGPROB_TOL, NEAR_TIE
@@ -251,7 +251,7 @@ def test_memory_pressure(tmp_path):
             max_total_tokens=PRESSURE_CAPACITY // dcp_size))
 
     reference = run(1)
-    results = {"case": "tp2-pressure", "shared_gpu": SHARED_GPU, "load_tokens": load,
+    results = {"case": "tp2-pressure", "stage": os.environ.get("DCP_STAGE"), "shared_gpu": SHARED_GPU, "load_tokens": load,
                "num_requests": len(reference.results), "reference_capacity": reference.capacity,
                "reference_counts": dataclasses.asdict(reference.counts), "runs": []}
     failures = []
