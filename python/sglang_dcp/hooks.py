@@ -24,8 +24,13 @@ from sglang_dcp.distributed.parallel_state import (
     get_dcp_group,
     initialize_dcp_group,
 )
-from sglang_dcp.layers.attention.registry import create_dcp_attention_backend
+from sglang_dcp.layers.attention.registry import (
+    create_dcp_attention_backend,
+    create_dcp_draft_decode_backend,
+    create_dcp_draft_extend_backend,
+)
 from sglang_dcp.mem_cache.allocator import check_replicas_at_idle
+from sglang_dcp.mem_cache.kv_move import move_kv_in_group
 from sglang_dcp.model_executor.group_heads import take_group_heads_after_load
 from sglang_dcp.model_executor.kv_cache import init_pools_with_dcp, reserve_extend_memory
 from sglang_dcp.server_args import DCPServerArgs
@@ -34,7 +39,8 @@ _MODEL_RUNNER = "sglang.srt.model_executor.model_runner.ModelRunner"
 
 
 def create_dcp_group(_result, runner):
-    if runner.server_args.dcp_size > 1:
+    # A draft model's runner joins the target's process groups (it creates none)
+    if runner.server_args.dcp_size > 1 and not runner.is_draft_worker:
         require_hooks_applied()
         initialize_dcp_group(runner.server_args.dcp_size)
 
@@ -55,6 +61,25 @@ def attention_backend_from_str(original, runner, backend_str, init_new_workspace
         return original(runner, backend_str, init_new_workspace)
     runner.init_new_workspace = init_new_workspace
     return create_dcp_attention_backend(backend_str, runner)
+
+
+def draft_decode_backend_with_dcp(original, factory):
+    if factory.server_args.dcp_size == 1:
+        return original(factory)
+    return create_dcp_draft_decode_backend(factory)
+
+
+def draft_extend_backend_with_dcp(original, factory):
+    if factory.server_args.dcp_size == 1:
+        return original(factory)
+    return create_dcp_draft_extend_backend(factory)
+
+
+def move_kv_with_dcp(original, pool, tgt_loc, src_loc):
+    """Slots are logical under DCP, rows physical: moves may cross ranks (``kv_move``)."""
+    if not dcp_is_initialized():
+        return original(pool, tgt_loc, src_loc)
+    move_kv_in_group(pool, tgt_loc, src_loc, get_dcp_group())
 
 
 def no_fused_kv_store_with_dcp(original, forward_batch):
@@ -96,6 +121,12 @@ HOOKS = (
          HookType.AROUND, "DCP attention backends"),
     Hook("sglang.srt.configs.update_config.adjust_config_with_unaligned_cpu_tp",
          keep_kv_heads_replicated, HookType.AROUND, "no KV-head padding on CPU under DCP"),
+    Hook("sglang.srt.speculative.draft_utils.DraftBackendFactory.create_decode_backend",
+         draft_decode_backend_with_dcp, HookType.AROUND, "DCP backends for the draft's decode steps"),
+    Hook("sglang.srt.speculative.draft_utils.DraftBackendFactory.create_draft_extend_backend",
+         draft_extend_backend_with_dcp, HookType.AROUND, "DCP backend for the draft's extend"),
+    Hook("sglang.srt.mem_cache.memory_pool.MHATokenToKVPool.move_kv_cache", move_kv_with_dcp,
+         HookType.AROUND, "speculative KV moves between logical slots of two ranks"),
     Hook("sglang.srt.models.utils.enable_fused_set_kv_buffer", no_fused_kv_store_with_dcp,
          HookType.AROUND, "no fused RoPE + KV store under DCP"),
     Hook("sglang.srt.managers.scheduler.Scheduler.on_idle", check_allocator_replicas_after_idle,

@@ -46,3 +46,9 @@ def local_token_rows(
     """Physical rows of one request's first ``seq_len`` tokens that live on ``dcp_rank``,
     in position order: ``req_to_token[p] // D`` for ``p = rank, rank + D, ... < seq_len``."""
     return physical_row(req_to_token_row[dcp_rank:seq_len:dcp_size], dcp_size)
+
+
+def local_slot_rows(slots: torch.Tensor, dcp_size: int, dcp_rank: int) -> torch.Tensor:
+    """Physical rows of the logical ``slots`` that live on ``dcp_rank``, in their order (any
+    slots, e.g. a draft branch's, whose positions need not follow the request's layout)."""
+    return physical_row(slots[owner_rank(slots, dcp_size) == dcp_rank], dcp_size)

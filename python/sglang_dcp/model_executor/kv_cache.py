@@ -4,7 +4,9 @@
 rows (a multiple of ``P * D``). The pool is built with the physical page ``P``; the
 allocator hands out ``N * D`` logical slots in pages of ``P * D`` (slot ``loc`` -> rank
 ``loc % D``, row ``loc // D``), and ``max_total_num_tokens`` becomes ``N * D``, so the
-scheduler, radix cache, logs and ``get_server_info`` all count logical tokens.
+scheduler, radix cache, logs and ``get_server_info`` all count logical tokens. A speculative
+draft model's runner gets the target's ``N`` and allocator from SGLang: its pool of ``N``
+physical rows is striped by the same logical slots (``layers.attention.speculative``).
 
 The pool's memory budget leaves room for what DCP's extend pass over a cached prefix
 allocates beyond TP's (``extend_prefix_reserve_bytes``), which SGLang's planning does not know.
@@ -28,6 +30,11 @@ def init_pools_with_dcp(original_init_pools, runner) -> None:
         original_init_pools(runner)
     finally:
         runner.page_size = logical_page
+    runner.max_total_num_tokens = physical_rows * dcp_size
+    if runner.is_draft_worker:
+        # A draft model's pool (physical rows, striped like the target's) is indexed by the
+        # target's allocator, which SGLang hands it: nothing else to set up
+        return
     runner.token_to_kv_pool_allocator = DCPTokenToKVPoolAllocator(
         physical_rows * dcp_size,
         page_size=logical_page,
@@ -36,7 +43,6 @@ def init_pools_with_dcp(original_init_pools, runner) -> None:
         kvcache=runner.token_to_kv_pool,
         need_sort=False,  # only PD disaggregation sorts, and DCP rejects it
     )
-    runner.max_total_num_tokens = physical_rows * dcp_size
     if runner.token_to_kv_pool_allocator.extend_in_torch and runner.device != "cpu":
         logger.info(
             "DCP: logical page %d is not a power of two; prefill slots are allocated in "

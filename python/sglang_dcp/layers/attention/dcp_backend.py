@@ -22,12 +22,24 @@ Per layer, on DCP rank ``r`` of a group of ``D`` ranks that hold the same KV hea
   and ``[T, D*Hq*dv]`` goes to ``o_proj`` over the group's columns, whose TP all-reduce
   sums the group. Extend: ``extend_group_heads``, the same way.
 
-Subclasses implement ``init_forward_metadata`` and the three ``partial_*`` kernels, each
-returning ``(o [T, H, dv], lse [T, H])`` with LSE in base ``lse_base``.
+Speculative decoding (``speculative.py`` explains the draft-KV design) adds three passes,
+each one of the two above with other key sets:
+
+* Target verify: an extend whose new tokens are the ``N`` draft tokens of each request, a tree:
+  draft token ``i`` sees draft token ``j`` where the verify mask says so (``verify_tree_masks``),
+  and the whole committed prefix ``seq_lens`` through the sharded prefix pass.
+* Draft extend: an extend of the draft model (its own KV pool, striped like the target's).
+* Draft decode: step ``s`` of the draft's ``topk`` branches, one query per branch; query
+  ``(b, t)`` sees the prefix of request ``b`` and the tokens branch ``t`` wrote in steps
+  ``0..s``: a decode over per-query key sets (``DCPMultiStepDraftBackend``).
+
+Subclasses implement ``init_forward_metadata`` (and ``init_draft_step_metadata``) and the three
+``partial_*`` kernels, each returning ``(o [T, H, dv], lse [T, H])`` with LSE in base
+``lse_base``.
 """
 
 import math
-from typing import Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -53,6 +65,39 @@ def kv_cache_scales(layer) -> Tuple[Optional[float], Optional[float]]:
     )
 
 
+def extend_lens(forward_batch) -> Tuple[List[int], List[int]]:
+    """``(cached prefix, new tokens)`` per request of an extend-like pass. A verify pass
+    extends the committed ``seq_lens`` by ``draft_token_num`` tree tokens per request (its
+    ``extend_*`` fields are not set); an extend or draft extend by ``extend_seq_lens`` after
+    ``extend_prefix_lens``."""
+    if forward_batch.forward_mode.is_target_verify():
+        num_draft = forward_batch.spec_info.draft_token_num
+        return forward_batch.seq_lens_cpu.tolist(), [num_draft] * forward_batch.batch_size
+    return list(forward_batch.extend_prefix_lens_cpu), list(forward_batch.extend_seq_lens_cpu)
+
+
+def verify_tree_masks(forward_batch) -> torch.Tensor:
+    """The draft-token part of a verify pass's mask: bool ``[B, N, N]``, ``[b, i, j]`` whether
+    draft token ``i`` of request ``b`` sees draft token ``j``.
+
+    SGLang's ``custom_mask`` holds, request after request, the ``[N, seq_len + N]`` rows of
+    draft tokens over (committed prefix, draft tokens), flattened; every draft token sees the
+    whole prefix, so only the last ``N`` columns of each request carry the tree:
+    ``mask[off_b + i * (L_b + N) + L_b + j]`` with ``off_b = sum_{c < b} N * (L_c + N)``."""
+    spec_info = forward_batch.spec_info
+    num_draft = spec_info.draft_token_num
+    seq_lens = forward_batch.seq_lens[: forward_batch.batch_size].to(torch.int64)
+    row_len = seq_lens + num_draft
+    offsets = torch.cumsum(num_draft * row_len, dim=0) - num_draft * row_len
+    steps = torch.arange(num_draft, device=seq_lens.device)
+    index = (
+        (offsets + seq_lens).view(-1, 1, 1)
+        + steps.view(1, -1, 1) * row_len.view(-1, 1, 1)
+        + steps.view(1, 1, -1)
+    )
+    return spec_info.custom_mask.reshape(-1)[index]
+
+
 class DCPAttnBackend(AttentionBackend):
     lse_base: float
 
@@ -68,18 +113,47 @@ class DCPAttnBackend(AttentionBackend):
         self.scaled_kv_cache = model_runner.kv_cache_dtype != model_runner.dtype
         self.first_layer_id = model_runner.start_layer
         self.write_rows = None  # of the current forward pass, set at its first layer
+        # Where the speculative workers size a verify mask without seq_lens_sum
+        self.max_context_len = model_runner.model_config.context_len
+        # Extend-like passes: (cached prefix, new tokens) per request and, for a verify pass,
+        # the draft tokens' tree masks (None: the new tokens are causal)
+        self.prefix_lens: List[int] = []
+        self.new_lens: List[int] = []
+        self.tree_masks: Optional[torch.Tensor] = None
+
+    def init_extend_shape(self, forward_batch) -> None:
+        """``prefix_lens``, ``new_lens`` and ``tree_masks`` of an extend-like pass."""
+        self.prefix_lens, self.new_lens = extend_lens(forward_batch)
+        self.tree_masks = (
+            verify_tree_masks(forward_batch) if forward_batch.forward_mode.is_target_verify() else None
+        )
+
+    def init_draft_step_metadata(self, forward_batch, branch_slots: torch.Tensor) -> None:
+        """One draft decode step: query ``b * topk + t`` sees the committed ``seq_lens[b]``
+        tokens of request ``b`` and the logical slots ``branch_slots[b, t]`` (its branch's
+        tokens so far, this step's included)."""
+        raise NotImplementedError()
+
+    def get_verify_buffers_to_fill_after_draft(self):
+        return [None, None]  # verify metadata is planned at the verify pass itself
+
+    def update_verify_buffers_to_fill_after_draft(self, spec_info, cuda_graph_bs):
+        pass
 
     # ---- kernels supplied by a subclass -------------------------------------------
     def partial_decode(self, q_all, layer, forward_batch) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Gathered ``q_all [B, D*Hq, d]`` over the tokens stored on this rank."""
+        """Gathered ``q_all [B, D*Hq, d]`` over the tokens stored on this rank (of each
+        request, or of each draft branch in a draft decode step)."""
         raise NotImplementedError()
 
     def partial_extend_new(self, q, k, v, layer, forward_batch) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Own heads ``q [T, Hq, d]``, causal over the batch's new tokens ``k, v [T, Hkv, d]``."""
+        """Own heads ``q [T, Hq, d]`` over the batch's new tokens ``k, v [T, Hkv, d]``: causal
+        per request, or under ``tree_masks`` (verify)."""
         raise NotImplementedError()
 
     def partial_extend_prefix(self, q_all, layer, forward_batch) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Gathered ``q_all [T, D*Hq, d]``, non-causal over the prefix tokens stored here."""
+        """Gathered ``q_all [T, D*Hq, d]``, non-causal over the prefix tokens stored here
+        (``prefix_lens`` of each request)."""
         raise NotImplementedError()
 
     # ---- the DCP path ---------------------------------------------------------------
@@ -143,7 +217,7 @@ class DCPAttnBackend(AttentionBackend):
             forward_batch,
         )
         self.write_kv(layer, k, v)  # after the new-token pass: an FP8 store scales k, v in place
-        has_prefix = any(forward_batch.extend_prefix_lens_cpu)
+        has_prefix = any(self.prefix_lens)
         if group_heads:
             o = self.extend_group_heads(q, o, lse, own, has_prefix, layer, forward_batch)
         elif has_prefix:
@@ -170,3 +244,26 @@ class DCPAttnBackend(AttentionBackend):
         o_pre, lse_pre = self.partial_extend_prefix(q_all, layer, forward_batch)
         o, lse = merge_states([o, o_pre], [lse, lse_pre], self.lse_base)
         return scale_by_group_lse(self.dcp_group, o, lse, self.lse_base, torch.float32)
+
+
+class DCPMultiStepDraftBackend:
+    """The draft model's decode steps under DCP, one DCP backend per step, with the interface
+    of SGLang's multi-step draft backends: ``attn_backends[s]`` runs step ``s`` and
+    ``init_forward_metadata`` plans every step before the first runs.
+
+    The draft worker lays the steps' KV slots out as ``out_cache_loc [B, topk, steps]``
+    (``eagle_utils.per_step_draft_out_cache_loc``), so step ``s`` of branch ``t`` of request
+    ``b`` sees the slots ``[b, t, :s + 1]`` besides the request's committed tokens. Only
+    ``steps - 1`` steps run the model: the last drafted token needs no forward."""
+
+    def __init__(self, make_backend: Callable[[], DCPAttnBackend], topk: int, speculative_num_steps: int):
+        self.topk = topk
+        self.speculative_num_steps = speculative_num_steps
+        self.attn_backends = [make_backend() for _ in range(speculative_num_steps - 1)]
+
+    def init_forward_metadata(self, forward_batch) -> None:
+        slots = forward_batch.out_cache_loc.view(
+            forward_batch.batch_size, self.topk, self.speculative_num_steps
+        )
+        for step, backend in enumerate(self.attn_backends):
+            backend.init_draft_step_metadata(forward_batch, slots[:, :, : step + 1])

@@ -10,7 +10,11 @@ base 2.
   chosen for ``D * Hq`` heads per KV head.
 * Extend: ``BatchPrefillWithRaggedKVCacheWrapper`` (causal, ``Hq`` heads) for the new
   tokens and ``BatchPrefillWithPagedKVCacheWrapper`` (non-causal, ``D * Hq`` heads) over
-  the local prefix.
+  the local prefix. A verify pass plans the ragged wrapper with the draft tokens' tree
+  mask (FlashInfer's custom mask) instead of causal.
+* Draft decode step: the decode wrapper over one "request" per draft branch, whose local
+  rows are the request's local prefix rows followed by the branch's slots stored here
+  (``draft_step_kv_indices``).
 * CUDA graphs (decode only): one decode wrapper per captured batch size over persistent
   ``kv_indptr``/``kv_indices``/``kv_last_page_len`` buffers. Before each replay the
   indices kernel rewrites those buffers in place and ``fast_decode_plan`` re-plans from
@@ -34,7 +38,7 @@ from sglang.srt.layers.dp_attention import get_attention_tp_size
 
 from sglang_dcp.layers.attention.dcp_backend import DCPAttnBackend
 from sglang_dcp.layers.attention.triton_ops import dcp_kv_indices_triton
-from sglang_dcp.mem_cache.layout import local_seq_lens
+from sglang_dcp.mem_cache.layout import local_seq_lens, owner_rank, physical_row
 
 
 # As in SGLang's flashinfer backend: FA2 kernels for paged KV (the automatic choice is FA3
@@ -76,6 +80,46 @@ def local_kv_indices(
     return indptr_cpu, kv_indptr, kv_indices
 
 
+def draft_step_kv_indices(req_to_token, req_pool_indices, seq_lens, seq_lens_cpu, branch_slots, dcp_size, dcp_rank):
+    """FlashInfer's view of one draft decode step on ``dcp_rank``: query ``b * topk + t`` reads
+    the rows stored here of request ``b``'s first ``seq_lens[b]`` tokens, then of the logical
+    ``branch_slots [B, topk, s]`` of its branch. Returns ``(indptr on host, indices)``."""
+    batch, topk, _ = branch_slots.shape
+    owned = owner_rank(branch_slots, dcp_size) == dcp_rank
+    prefix_lens = local_seq_lens(seq_lens[:batch].to(torch.int32), dcp_size, dcp_rank).repeat_interleave(topk)
+    prefix_lens_cpu = local_seq_lens(seq_lens_cpu[:batch].to(torch.int32), dcp_size, dcp_rank).repeat_interleave(topk)
+    indptr_cpu = exclusive_cumsum(prefix_lens_cpu + owned.sum(-1).flatten().cpu().to(torch.int32))
+    kv_indptr = indptr_cpu.to(branch_slots.device, non_blocking=True)
+    kv_indices = torch.empty(
+        int(indptr_cpu[-1]) + KV_INDICES_PADDING, dtype=torch.int32, device=branch_slots.device
+    )
+    dcp_kv_indices_triton(
+        req_to_token, req_pool_indices[:batch].repeat_interleave(topk), prefix_lens, kv_indptr,
+        kv_indices, dcp_size, dcp_rank,
+    )
+    # the branch's rows after the prefix rows, in step order
+    branch_start = (kv_indptr[:-1] + prefix_lens).view(batch, topk, 1)
+    dest = branch_start + torch.cumsum(owned, dim=-1) - 1
+    kv_indices[dest[owned]] = physical_row(branch_slots[owned], dcp_size).to(torch.int32)
+    return indptr_cpu, kv_indices
+
+
+_shared_workspace = None
+
+
+def float_workspace(device, new: bool = False) -> torch.Tensor:
+    """FlashInfer's float workspace, shared by every DCP backend of the process unless ``new``
+    (as SGLang's flashinfer backend shares one): it only holds a running kernel's scratch, and
+    the target's and the draft's passes run one after another."""
+    global _shared_workspace
+    size = envs.SGLANG_FLASHINFER_WORKSPACE_SIZE.get()
+    if new:
+        return torch.empty(size, dtype=torch.uint8, device=device)
+    if _shared_workspace is None:
+        _shared_workspace = torch.empty(size, dtype=torch.uint8, device=device)
+    return _shared_workspace
+
+
 class FlashInferDCPAttnBackend(DCPAttnBackend):
     lse_base = 2.0
 
@@ -95,9 +139,7 @@ class FlashInferDCPAttnBackend(DCPAttnBackend):
             num_attention_heads=self.num_gathered_heads,
             num_kv_heads=self.num_kv_heads,
         )
-        self.workspace = torch.empty(
-            envs.SGLANG_FLASHINFER_WORKSPACE_SIZE.get(), dtype=torch.uint8, device=self.device
-        )
+        self.workspace = float_workspace(self.device, getattr(model_runner, "init_new_workspace", False))
         self.eager_decode_wrapper = self._new_decode_wrapper()
         self.ragged_wrapper = BatchPrefillWithRaggedKVCacheWrapper(self.workspace, "NHD")
         self.prefix_wrapper = BatchPrefillWithPagedKVCacheWrapper(
@@ -147,22 +189,34 @@ class FlashInferDCPAttnBackend(DCPAttnBackend):
                 **self._decode_plan_args(),
             )
         else:
+            self.init_extend_shape(forward_batch)
             self._plan_extend(forward_batch)
+
+    def init_draft_step_metadata(self, forward_batch, branch_slots):
+        self.decode_wrapper = self.eager_decode_wrapper
+        indptr_cpu, kv_indices = draft_step_kv_indices(
+            self.req_to_token, forward_batch.req_pool_indices, forward_batch.seq_lens,
+            forward_batch.seq_lens_cpu, branch_slots, self.dcp_size, self.dcp_rank,
+        )
+        self.decode_wrapper.plan(
+            indptr_cpu, kv_indices, torch.ones(indptr_cpu.shape[0] - 1, dtype=torch.int32),
+            **self._decode_plan_args(),
+        )
 
     def _plan_extend(self, forward_batch):
         bs = forward_batch.batch_size
-        qo_indptr_cpu = exclusive_cumsum(
-            torch.tensor(forward_batch.extend_seq_lens_cpu, dtype=torch.int32)
-        )
+        qo_indptr_cpu = exclusive_cumsum(torch.tensor(self.new_lens, dtype=torch.int32))
+        tree_mask = None if self.tree_masks is None else self.tree_masks.reshape(-1)
         self.ragged_wrapper.plan(
             qo_indptr_cpu, qo_indptr_cpu, self.num_local_heads, self.num_kv_heads,
-            self.head_dim, causal=True, q_data_type=self.q_dtype, kv_data_type=self.q_dtype,
+            self.head_dim, custom_mask=tree_mask, causal=tree_mask is None,
+            q_data_type=self.q_dtype, kv_data_type=self.q_dtype,
         )
-        if not any(forward_batch.extend_prefix_lens_cpu):
+        if not any(self.prefix_lens):
             return
+        prefix_lens_cpu = torch.tensor(self.prefix_lens, dtype=torch.int32)
         indptr_cpu, _, kv_indices = self._local_kv(
-            forward_batch.req_pool_indices, forward_batch.extend_prefix_lens,
-            torch.tensor(forward_batch.extend_prefix_lens_cpu),
+            forward_batch.req_pool_indices, prefix_lens_cpu.to(self.device), prefix_lens_cpu,
         )
         self.prefix_wrapper.plan(
             qo_indptr_cpu, indptr_cpu, kv_indices, torch.ones(bs, dtype=torch.int32),
@@ -223,8 +277,8 @@ class FlashInferDCPAttnBackend(DCPAttnBackend):
 
     def partial_extend_new(self, q, k, v, layer, forward_batch):
         return self.ragged_wrapper.forward_return_lse(
-            q.contiguous(), k.contiguous(), v.contiguous(),
-            causal=True, sm_scale=layer.scaling, logits_soft_cap=layer.logit_cap,
+            q.contiguous(), k.contiguous(), v.contiguous(), causal=self.tree_masks is None,
+            sm_scale=layer.scaling, logits_soft_cap=layer.logit_cap,
         )
 
     def partial_extend_prefix(self, q_all, layer, forward_batch):
