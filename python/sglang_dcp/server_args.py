@@ -19,6 +19,12 @@ from sglang.srt.configs.model_config import ModelConfig
 from sglang.srt.model_executor.cuda_graph_config import Backend
 from sglang.srt.utils import get_device
 
+from sglang_dcp.speculative import (
+    DRAFT_MODEL_ALGORITHMS,
+    speculative_graph_refusal,
+    speculative_refusal,
+)
+
 logger = logging.getLogger(__name__)
 
 # The attention backend that runs DCP on each device.
@@ -123,7 +129,6 @@ class DCPServerArgs(sglang_server_args.ServerArgs):
             )
         unsupported = {
             "--enable-dp-attention": self.enable_dp_attention,
-            "--speculative-algorithm": self.speculative_algorithm is not None,
             "--pp-size > 1": self.pp_size > 1,
             "--enable-hierarchical-cache": self.enable_hierarchical_cache,
             "--enable-lmcache": self.enable_lmcache,
@@ -143,8 +148,10 @@ class DCPServerArgs(sglang_server_args.ServerArgs):
             "--enable-torch-compile": self.enable_torch_compile,
             "--debug-cuda-graph": self.debug_cuda_graph,
         }
-        for flag, is_set in unsupported.items():
-            if is_set:
+        refused = [flag for flag, is_set in unsupported.items() if is_set]
+        refused.append(speculative_refusal(self))
+        for flag in refused:
+            if flag is not None:
                 raise DCPConfigError(
                     f"{flag} is not supported with --dcp-size {d}; remove it or use --dcp-size 1."
                 )
@@ -166,7 +173,8 @@ class DCPServerArgs(sglang_server_args.ServerArgs):
 
     def _check_attention_backends(self, backend: str):
         """Every attention-backend setting is unset or ``backend``, DCP's on this device."""
-        for name in ("attention_backend", "prefill_attention_backend", "decode_attention_backend"):
+        for name in ("attention_backend", "prefill_attention_backend", "decode_attention_backend",
+                     "speculative_draft_attention_backend"):
             value = getattr(self, name)
             if value not in (None, backend):
                 raise DCPConfigError(
@@ -189,19 +197,32 @@ class DCPServerArgs(sglang_server_args.ServerArgs):
             )
         # SGLang's own defaults may set a per-phase backend (e.g. prefill for some models).
         self._check_attention_backends(DCP_ATTENTION_BACKENDS[self.device])
+        refused = speculative_graph_refusal(self)
+        if refused is not None:
+            raise DCPConfigError(f"--dcp-size {d} runs speculative decoding eagerly: no {refused}.")
 
     def _check_dcp_model(self):
+        self._check_model_config(ModelConfig.from_server_args(self), "this model")
+        draft_path = self.speculative_draft_model_path
+        if draft_path is not None and self.speculative_algorithm.upper() in DRAFT_MODEL_ALGORITHMS:
+            # The draft's KV is striped like the target's (sglang_dcp.speculative)
+            draft_config = ModelConfig.from_server_args(
+                self, model_path=draft_path, model_revision=self.speculative_draft_model_revision,
+                is_draft_model=True,
+            )
+            self._check_model_config(draft_config, "the draft model")
+
+    def _check_model_config(self, model_config, which: str):
         d = self.dcp_size
-        model_config = ModelConfig.from_server_args(self)
         if model_config.attention_arch.name != "MHA":
             raise DCPConfigError(
-                f"--dcp-size {d} supports MHA/GQA models; this model uses "
+                f"--dcp-size {d} supports MHA/GQA models; {which} uses "
                 f"{model_config.attention_arch.name} attention. Use --dcp-size 1."
             )
         hybrid = hybrid_attention_reason(model_config)
         if hybrid:
             raise DCPConfigError(
-                f"--dcp-size {d} supports full-attention models only; this model {hybrid}. "
+                f"--dcp-size {d} supports full-attention models only; {which} {hybrid}. "
                 f"Use --dcp-size 1."
             )
         if model_config.is_multimodal:
@@ -210,8 +231,8 @@ class DCPServerArgs(sglang_server_args.ServerArgs):
             )
         if not model_config.is_generation:
             raise DCPConfigError(
-                f"--dcp-size {d} splits the KV cache that decoding reads; this embedding / "
-                f"classification model does not decode. Use --dcp-size 1."
+                f"--dcp-size {d} splits the KV cache that decoding reads; {which} is an "
+                f"embedding / classification model, which does not decode. Use --dcp-size 1."
             )
         reads_shared_kv = READS_ANOTHER_LAYERS_KV & set(model_config.hf_config.architectures)
         if reads_shared_kv:
@@ -224,12 +245,12 @@ class DCPServerArgs(sglang_server_args.ServerArgs):
         if model_config.num_attention_heads % tp != 0:
             raise DCPConfigError(
                 f"--dcp-size {d} needs num_attention_heads ({model_config.num_attention_heads}) "
-                f"divisible by --tp-size {tp}; choose a tp size that divides it."
+                f"of {which} divisible by --tp-size {tp}; choose a tp size that divides it."
             )
         if tp % (num_kv_heads * d) != 0:
             raise DCPConfigError(
-                f"--dcp-size {d} needs every KV head replicated on a multiple of {d} TP ranks "
-                f"((tp / num_kv_heads) % dcp == 0): --tp-size must be a multiple of "
+                f"--dcp-size {d} needs every KV head of {which} replicated on a multiple of {d} "
+                f"TP ranks ((tp / num_kv_heads) % dcp == 0): --tp-size must be a multiple of "
                 f"num_kv_heads * dcp = {num_kv_heads * d}, got {tp}."
             )
 

@@ -172,7 +172,6 @@ def _flag(flags, phrase):
 REJECTED_FLAGS_ON_CPU = [
     # Features DCP does not combine with; checked before SGLang's own __post_init__.
     _flag("--enable-dp-attention --dp-size 2", "--enable-dp-attention is not supported"),
-    _flag("--speculative-algorithm EAGLE", "--speculative-algorithm is not supported"),
     _flag("--pp-size 2", "--pp-size > 1 is not supported with --dcp-size 2"),
     _flag("--enable-hierarchical-cache", "--enable-hierarchical-cache is not supported"),
     _flag("--enable-lmcache", "--enable-lmcache is not supported"),
@@ -223,8 +222,9 @@ REJECTED_MODELS = [
     # Checked before SGLang's own rules (GPT-OSS requires triton/fa3/trtllm backends).
     pytest.param("gpt_oss", "", "mixes sliding-window and full-attention layers", id="gpt-oss"),
     # No decode: embedding (encoder-only BERT: non-causal attention) and --is-embedding models
-    pytest.param("bert", "", "this embedding / classification model does not decode", id="bert"),
-    pytest.param("gqa1", "--is-embedding", "model does not decode", id="is-embedding"),
+    pytest.param("bert", "", "this model is an embedding / classification model, which does not decode",
+                 id="bert"),
+    pytest.param("gqa1", "--is-embedding", "is an embedding / classification model", id="is-embedding"),
     # Later loops' layers call attention with k=None (read loop 0's cache)
     pytest.param("loopcoder", "", "IQuestLoopCoderForCausalLM: its layers read another layer's KV",
                  id="loopcoder-k-none"),
@@ -251,10 +251,55 @@ def test_rejected_model(models, model, flags, phrase):
     assert phrase in rejection(models, model, f"--tp 2 --dcp-size 2 {flags}")
 
 
-def test_rejected_eagle_with_draft_model(models):
-    flags = "--tp 2 --dcp 2 --speculative-algorithm EAGLE --speculative-draft-model-path"
-    message = rejection(models, "gqa1", f"{flags} {models['gqa1']}")
-    assert "--speculative-algorithm is not supported" in message
+# Speculative settings DCP does not run, added to --tp 2 --dcp 2 --speculative-algorithm A
+# --speculative-draft-model-path <gqa1>: (A and flags, device, phrase of the message).
+REJECTED_SPECULATIVE = [
+    pytest.param("DFLASH", "cpu", "--speculative-algorithm DFLASH (DCP runs EAGLE, EAGLE3, NEXTN, "
+                 "STANDALONE, NGRAM) is not supported with --dcp-size 2", id="dflash"),
+    pytest.param("EAGLE --speculative-use-rejection-sampling", "cpu",
+                 "--speculative-use-rejection-sampling is not supported", id="rejection-sampling"),
+    pytest.param("EAGLE --speculative-adaptive", "cpu", "--speculative-adaptive is not supported",
+                 id="adaptive"),
+    pytest.param("EAGLE --enable-multi-layer-eagle", "cpu", "--enable-multi-layer-eagle is not",
+                 id="multi-layer-eagle"),
+    pytest.param("EAGLE3 --speculative-draft-window-size 64", "cpu",
+                 "--speculative-draft-window-size is not supported", id="draft-window"),
+    pytest.param("EAGLE --speculative-attention-mode decode", "cpu",
+                 "--speculative-attention-mode decode is not supported", id="attention-mode-decode"),
+    pytest.param("EAGLE --speculative-draft-attention-backend triton", "cpu",
+                 "--speculative-draft-attention-backend triton has no DCP support", id="draft-backend"),
+    pytest.param("EAGLE", "cuda", "--dcp-size 2 runs speculative decoding eagerly: no decode CUDA "
+                 "graphs with --speculative-algorithm (pass --disable-cuda-graph).", id="cuda-graphs"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("algorithm, device, phrase", REJECTED_SPECULATIVE)
+def test_rejected_speculative(models, algorithm, device, phrase):
+    flags = f"--tp 2 --dcp 2 --speculative-algorithm {algorithm} --speculative-draft-model-path"
+    assert phrase in rejection(models, "gqa1", f"{flags} {models['gqa1']}", device)
+
+
+def test_rejected_draft_model_kv_heads(models):
+    """The draft's KV is striped like the target's: its KV heads must be replicated too."""
+    flags = "--tp 2 --dcp 2 --speculative-algorithm STANDALONE --speculative-draft-model-path"
+    message = rejection(models, "gqa1", f"{flags} {models['gqa2']}")
+    assert "needs every KV head of the draft model replicated on a multiple of 2 TP ranks" in message
+
+
+@pytest.mark.parametrize("algorithm", ["EAGLE", "EAGLE3", "NEXTN", "STANDALONE"])
+def test_accepted_speculative(models, algorithm):
+    flags = f"--tp 2 --dcp 2 --speculative-algorithm {algorithm} --speculative-draft-model-path"
+    args = parse(models, "gqa1", f"{flags} {models['gqa1']}")
+    assert (args.page_size, args.attention_backend) == (2, "torch_native")
+    args = parse(models, "gqa1", f"{flags} {models['gqa1']} --disable-cuda-graph", device="cuda")
+    assert (args.page_size, args.attention_backend) == (2, "flashinfer")
+
+
+def test_accepted_ngram_on_cuda(models):
+    """SGLang itself runs NGRAM on CUDA only (its CPU run is a test mode of this project)."""
+    args = parse(models, "gqa1", "--tp 2 --dcp 2 --speculative-algorithm NGRAM --disable-cuda-graph",
+                 device="cuda")  # fmt: skip
+    assert (args.speculative_algorithm, args.page_size) == ("NGRAM", 2)
 
 
 def test_rejected_device(models):
