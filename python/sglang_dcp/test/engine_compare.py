@@ -20,6 +20,7 @@ import random
 import subprocess
 import sys
 import tempfile
+import uuid
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -37,6 +38,9 @@ class Batch:
     return_logprob: bool = True
     # How many of the most likely tokens to return per position (their ids and logprobs)
     top_logprobs_num: int = 5
+    # Abort each request (SGLang's abort_request by rid) once it has streamed this many tokens;
+    # what an aborted request returned depends on timing, so ``compare`` leaves it out.
+    abort_after_tokens: Optional[int] = None
 
 
 @dataclasses.dataclass
@@ -48,6 +52,10 @@ class RequestResult:
     greedy: bool  # temperature 0
     num_retractions: int = 0  # times the scheduler retracted it (decode out of KV memory)
     cached_tokens: int = 0  # prompt tokens found in the radix cache
+    # Speculative decoding: verify passes, and how many of them accepted 0, 1, ... drafts
+    spec_verify_ct: int = 0
+    spec_accept_histogram: List[int] = dataclasses.field(default_factory=list)
+    aborted: bool = False
 
 
 @dataclasses.dataclass
@@ -173,6 +181,9 @@ def request_result(out: Dict, batch: Batch) -> RequestResult:
         greedy=batch.sampling_params.get("temperature", 1.0) == 0.0,
         num_retractions=meta["num_retractions"],
         cached_tokens=meta["cached_tokens"],
+        spec_verify_ct=meta.get("spec_verify_ct", 0),
+        spec_accept_histogram=list(meta.get("spec_correct_drafts_histogram") or []),
+        aborted=(meta.get("finish_reason") or {}).get("type") == "abort",
     )
 
 
@@ -212,6 +223,25 @@ async def generate_overlapping(engine, batches: List[Batch]) -> Tuple[List[Dict]
     return await asyncio.gather(*tasks), decoded
 
 
+async def generate_and_abort(engine, batch: Batch) -> List[Dict]:
+    """Stream every request of ``batch`` at once and abort each, by its rid, once it has
+    streamed ``batch.abort_after_tokens`` tokens. Returns each request's last output."""
+
+    async def one(index, input_ids):
+        rid = f"abort-{uuid.uuid4().hex}-{index}"
+        last, aborting = None, False
+        async for last in await engine.async_generate(
+            input_ids=input_ids, sampling_params=batch.sampling_params, stream=True, rid=rid,
+            **logprob_args(batch),
+        ):
+            if not aborting and len(last["output_ids"]) >= batch.abort_after_tokens:
+                engine.tokenizer_manager.abort_request(rid=rid)
+                aborting = True
+        return last
+
+    return await asyncio.gather(*(one(i, ids) for i, ids in enumerate(batch.input_ids)))
+
+
 def run_engine(model_path: str, scenario: List[Batch], **engine_kwargs) -> EngineRun:
     import sglang
 
@@ -228,7 +258,9 @@ def run_engine(model_path: str, scenario: List[Batch], **engine_kwargs) -> Engin
                 else:
                     waves.append([batch])
             for wave in waves:
-                if len(wave) == 1:
+                if len(wave) == 1 and wave[0].abort_after_tokens is not None:
+                    outputs = engine.loop.run_until_complete(generate_and_abort(engine, wave[0]))
+                elif len(wave) == 1:
                     outputs = engine.generate(
                         input_ids=wave[0].input_ids, sampling_params=wave[0].sampling_params,
                         **logprob_args(wave[0]),
@@ -279,7 +311,7 @@ class Split:
 
 @dataclasses.dataclass
 class Agreement:
-    num_requests: int
+    num_requests: int  # compared: those that neither run aborted
     identical_requests: int
     max_logprob_diff: float  # over positions up to and including the first differing token
     # At each greedy request's first differing token: how much less likely the reference found the
@@ -307,7 +339,11 @@ def compare(reference: EngineRun, candidate: EngineRun) -> Agreement:
     top-5 values) over the common prefix of each request's outputs, and the largest
     near-tie gap where greedy outputs differ."""
     identical, max_diff, splits = 0, 0.0, []
+    compared = 0
     for index, (ref, cand) in enumerate(zip(reference.results, candidate.results, strict=True)):
+        if ref.aborted or cand.aborted:
+            continue
+        compared += 1
         identical += ref.output_ids == cand.output_ids
         same = next(
             (i for i, (a, b) in enumerate(zip(ref.output_ids, cand.output_ids)) if a != b),
@@ -323,7 +359,7 @@ def compare(reference: EngineRun, candidate: EngineRun) -> Agreement:
             spread = ref.top_logprobs[same][0] - ref.top_logprobs[same][-1] if same < len(ref.top_logprobs) else math.inf
             splits.append(Split(index, same, divergence_gap(ref, same, cand.output_ids[same]), spread))
     max_gap = max((split.gap for split in splits), default=0.0)
-    return Agreement(len(reference.results), identical, max_diff, max_gap, splits)
+    return Agreement(compared, identical, max_diff, max_gap, splits)
 
 
 if __name__ == "__main__":  # the child process of run_engine_isolated
