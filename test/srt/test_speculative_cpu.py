@@ -1,0 +1,281 @@
+"""SGLang's speculative decoding on CPU at dcp 1, through the test mode
+``SGLANG_DCP_TEST_CPU_SPECULATION=1`` (``sglang_dcp.test.speculative_cpu``).
+
+Unit tests: the PyTorch tree kernels against references written from their definitions, on
+draft trees that SGLang's own draft code builds (``select_top_k_tokens``,
+``organize_draft_results``); the Triton stand-ins are checked against SGLang's Triton kernels
+in ``gpu/test_gpu_speculative_kernels.py`` (on a GPU, or here under Triton's interpreter).
+End to end (below): each algorithm against no speculation on the same weights.
+"""
+
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sglang.srt.speculative.eagle_utils import TreeMaskMode, organize_draft_results
+from sglang.srt.speculative.spec_utils import select_top_k_tokens
+from sglang_dcp.test.speculative_cpu import tree
+
+GPU_TESTS = os.path.join(os.path.dirname(__file__), "gpu")
+
+
+# ---- draft trees as SGLang builds them, and their references -------------------------------
+
+
+def draft_tree(batch: int, topk: int, steps: int, num_draft: int, vocab: int, seed: int):
+    """One draft round of EAGLE's worker on random draft distributions: the score-list
+    entries' parent entries (``-1``: the root) and tokens, and what
+    ``organize_draft_results`` hands to the tree builder."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def top(rows):
+        p = torch.rand(rows, vocab, generator=gen).softmax(-1)
+        return p.topk(topk, dim=-1)
+
+    topk_p, topk_index = top(batch)
+    scores, hidden, lists = None, None, ([], [], [])
+    for step in range(steps):
+        _, hidden, scores, info = select_top_k_tokens(step, topk_p, topk_index, hidden, scores, topk)
+        for collected, item in zip(lists, info):
+            collected.append(item)
+        topk_p, topk_index = top(batch * topk)
+    score_list, token_list, parents_list = lists
+    parent_list, selected, draft_tokens = organize_draft_results(score_list, token_list, parents_list, num_draft)
+    # entry ids: step 0 holds [0, topk); step s >= 1 holds topk + (s-1)*topk^2 + [0, topk^2),
+    # whose candidate c descends from the (c // topk)-th entry chosen at step s - 1
+    parent_entry = []
+    for b in range(batch):
+        chosen = [parents_list[0][b, 1:].tolist()] + [parents_list[s][b].tolist() for s in range(1, steps)]
+        parent_entry.append([-1] * topk + [chosen[s - 1][c // topk] for s in range(1, steps) for c in range(topk * topk)])
+    tokens = torch.cat(token_list, dim=1)
+    return parent_list, selected, draft_tokens, parent_entry, tokens
+
+
+def reference_parents(selected, parent_entry):
+    """Per request, each draft node's parent node: the root (0) or the node of its parent entry."""
+    parents = []
+    for row, entries in zip(selected.tolist(), parent_entry):
+        nodes = [-1]
+        for entry in row:
+            up = entries[entry]
+            nodes.append(0 if up == -1 else row.index(up) + 1)
+        parents.append(nodes)
+    return parents
+
+
+def depth_of(parents, node):
+    return 0 if parents[node] == -1 else 1 + depth_of(parents, parents[node])
+
+
+def children_of(parents, node):
+    return [c for c in range(len(parents)) if parents[c] == node]
+
+
+@pytest.mark.parametrize("topk,steps,num_draft", [(1, 3, 4), (4, 3, 8), (2, 5, 10), (8, 1, 8)])
+def test_build_tree_matches_the_draft_tree(topk, steps, num_draft):
+    batch, vocab = 3, 50
+    parent_list, selected, draft_tokens, parent_entry, tokens = draft_tree(batch, topk, steps, num_draft, vocab, seed=topk)
+    seq_lens = torch.tensor([5, 1, 9])
+    bonus = torch.tensor([7, 8, 9])
+    mask, positions, index, next_token, next_sibling, flat_tokens = tree.build_tree_kernel_efficient(
+        bonus, parent_list, selected, draft_tokens, seq_lens, int(seq_lens.sum()), topk, steps, num_draft,
+        TreeMaskMode.FULL_MASK,
+    )
+    offset = 0
+    for b, parents in enumerate(reference_parents(selected, parent_entry)):
+        length = int(seq_lens[b])
+        rows = mask[offset : offset + num_draft * (length + num_draft)].view(num_draft, length + num_draft)
+        offset += rows.numel()
+        assert flat_tokens[b * num_draft] == bonus[b]
+        assert flat_tokens[b * num_draft + 1 : (b + 1) * num_draft].tolist() == tokens[b, selected[b]].tolist()
+        for node in range(num_draft):
+            line, seen = {node}, node
+            while parents[seen] != -1:
+                seen = parents[seen]
+                line.add(seen)
+            assert rows[node, :length].all()
+            assert set(rows[node, length:].nonzero().flatten().tolist()) == line
+            assert positions[b * num_draft + node] == length + depth_of(parents, node)
+            assert index[b, node] == b * num_draft + node
+            kids = children_of(parents, node)
+            assert next_token[b, node] == (kids[0] if kids else -1)
+            siblings = children_of(parents, parents[node]) if parents[node] != -1 else [node]
+            later = siblings[siblings.index(node) + 1 :]
+            assert next_sibling[b, node] == (later[0] if later else -1)
+    assert offset == mask.numel()
+
+
+def test_build_tree_qlen_only_and_buffers():
+    topk, steps, num_draft = 4, 3, 8
+    parent_list, selected, draft_tokens, _, _ = draft_tree(2, topk, steps, num_draft, 40, seed=1)
+    seq_lens = torch.tensor([3, 6])
+    args = (torch.tensor([1, 2]), parent_list, selected, draft_tokens, seq_lens, 9, topk, steps, num_draft)
+    full, positions = tree.build_tree_kernel_efficient(*args)[:2]
+    qlen = tree.build_tree_kernel_efficient(*args, TreeMaskMode.QLEN_ONLY)[0]
+    full_tree = [full[:88].view(8, 11)[:, 3:], full[88:].view(8, 14)[:, 6:]]
+    assert torch.equal(qlen.view(2, 8, 8), torch.stack(full_tree))
+    mask_buf, position_buf = torch.zeros(240, dtype=torch.bool), torch.zeros(32, dtype=torch.int64)
+    out = tree.build_tree_kernel_efficient(*args, TreeMaskMode.FULL_MASK, mask_buf, position_buf)
+    assert out[0] is mask_buf and out[1] is position_buf
+    assert torch.equal(mask_buf[: full.numel()], full) and mask_buf[full.numel() :].all()
+    assert torch.equal(position_buf[:16], positions)
+
+
+def random_trees(batch: int, size: int, seed: int):
+    """Random trees whose parents precede their children (as NGRAM's and EAGLE's do)."""
+    rng = random.Random(seed)
+    return [[-1] + [rng.randrange(j) for j in range(1, size)] for _ in range(batch)]
+
+
+def ancestor_mask(parents):
+    size = len(parents)
+    mask = torch.zeros(size, size, dtype=torch.bool)
+    for node in range(size):
+        seen = node
+        mask[node, seen] = True
+        while parents[seen] != -1:
+            seen = parents[seen]
+            mask[node, seen] = True
+    return mask
+
+
+def test_reconstruct_indices_from_tree_mask():
+    batch, size = 3, 9
+    trees = random_trees(batch, size, seed=0)
+    tree_mask = torch.stack([ancestor_mask(p) for p in trees]).flatten()
+    seq_lens = torch.tensor([4, 0, 11])
+    positions = torch.empty(batch * size, dtype=torch.int64)
+    index, next_token, next_sibling = (torch.empty(batch, size, dtype=torch.int64) for _ in range(3))
+    tree.reconstruct_indices_from_tree_mask(tree_mask, seq_lens, positions, index, next_token, next_sibling, batch, size)
+    for b, parents in enumerate(trees):
+        for node in range(size):
+            assert positions[b * size + node] == seq_lens[b] + depth_of(parents, node)
+            kids = children_of(parents, node)
+            assert next_token[b, node] == (kids[0] if kids else -1)
+            if parents[node] == -1:
+                assert next_sibling[b, node] == -1
+            else:
+                siblings = children_of(parents, parents[node])
+                later = siblings[siblings.index(node) + 1 :]
+                assert next_sibling[b, node] == (later[0] if later else -1)
+    assert index.flatten().tolist() == list(range(batch * size))
+
+
+def tree_inputs(trees):
+    """``retrieve_*`` of ``trees`` (per request, parents) through the NGRAM reconstruction."""
+    batch, size = len(trees), len(trees[0])
+    tree_mask = torch.stack([ancestor_mask(p) for p in trees]).flatten()
+    positions = torch.empty(batch * size, dtype=torch.int64)
+    index, next_token, next_sibling = (torch.empty(batch, size, dtype=torch.int64) for _ in range(3))
+    tree.reconstruct_indices_from_tree_mask(tree_mask, torch.zeros(batch, dtype=torch.int64), positions, index,
+                                            next_token, next_sibling, batch, size)
+    return index, next_token, next_sibling
+
+
+def reference_greedy_walk(parents, candidates, target, steps):
+    """Accepted nodes (local, root first): at each accepted node, the first child in index
+    order whose token is the target's prediction there."""
+    path = [0]
+    while len(path) < steps:
+        child = next((c for c in children_of(parents, path[-1]) if candidates[c] == target[path[-1]]), None)
+        if child is None:
+            break
+        path.append(child)
+    return path
+
+
+@pytest.mark.parametrize("steps", [2, 4, 9])
+def test_verify_tree_greedy(steps):
+    batch, size, vocab = 6, 9, 3  # a small vocabulary: many children match
+    trees = random_trees(batch, size, seed=steps)
+    gen = torch.Generator().manual_seed(steps)
+    candidates = torch.randint(vocab, (batch, size), generator=gen)
+    target = torch.randint(vocab, (batch, size), generator=gen)
+    index, next_token, next_sibling = tree_inputs(trees)
+    predicts = torch.full((batch * size,), -7, dtype=torch.int32)
+    accept_index = torch.zeros(batch, steps, dtype=torch.int32)
+    accept_num = torch.zeros(batch, dtype=torch.int32)
+    tree.verify_tree_greedy_func(predicts, accept_index, accept_num, candidates, index, next_token, next_sibling, target)
+    for b, parents in enumerate(trees):
+        path = reference_greedy_walk(parents, candidates[b].tolist(), target[b].tolist(), steps)
+        assert accept_num[b] == len(path) - 1
+        assert accept_index[b].tolist() == [b * size + n for n in path] + [-1] * (steps - len(path))
+        for node in range(size):
+            expected = target[b, node] if node in path else -7
+            assert predicts[b * size + node] == expected
+
+
+def sampled_verify(target_probs, trees, steps, coins, final_coins, threshold_single=1.0, threshold_acc=1.0):
+    batch, size, _ = target_probs.shape
+    index, next_token, next_sibling = tree_inputs(trees)
+    candidates = torch.tensor([[0] + list(range(size - 1)) for _ in range(batch)])  # node j >= 1 drafts token j - 1
+    predicts = torch.full((batch * size,), -7, dtype=torch.int32)
+    accept_index = torch.zeros(batch, steps, dtype=torch.int32)
+    accept_num = torch.zeros(batch, dtype=torch.int32)
+    draft_probs = torch.zeros_like(target_probs)
+    tree.tree_speculative_sampling_target_only(
+        predicts, accept_index, accept_num, candidates, index, next_token, next_sibling, coins, final_coins,
+        target_probs, draft_probs, threshold_single, threshold_acc,
+    )
+    return predicts, accept_index, accept_num
+
+
+def test_sampled_verify_keeps_the_target_distribution():
+    """Root with children drafting tokens 0, 1, 2 (vocabulary 5): the first output token must
+    follow the target's distribution at the root, whatever the draft."""
+    samples, size, vocab = 20000, 4, 5
+    probs = torch.tensor([0.1, 0.3, 0.05, 0.4, 0.15])
+    target_probs = probs.expand(samples, size, vocab).contiguous()
+    gen = torch.Generator().manual_seed(0)
+    coins, final_coins = torch.rand(samples, size, generator=gen), torch.rand(samples, generator=gen)
+    trees = [[-1, 0, 0, 0]] * samples
+    predicts, _, accept_num = sampled_verify(target_probs, trees, 2, coins, final_coins)
+    first = predicts.view(samples, size)[:, 0].long()
+    freq = torch.bincount(first, minlength=vocab).double() / samples
+    assert (freq - probs.double()).abs().max() < 0.015, freq
+    # a drafted token is accepted exactly when it is the output
+    assert torch.equal(accept_num == 1, first < 3)
+
+
+def test_sampled_verify_walk():
+    """Deterministic coins: 0 accepts the first child at every level; 1 rejects every child
+    (their target mass leaves the final distribution)."""
+    size, vocab = 4, 6
+    trees = [[-1, 0, 1, 2]]  # a chain: node j drafts token j - 1
+    probs = torch.tensor([[0.2, 0.1, 0.3, 0.1, 0.1, 0.2]]).expand(1, size, vocab).contiguous()
+    predicts, accept_index, accept_num = sampled_verify(probs, trees, 4, torch.zeros(1, size), torch.tensor([0.0]))
+    assert accept_num.tolist() == [3] and accept_index.tolist() == [[0, 1, 2, 3]]
+    assert predicts.tolist() == [0, 1, 2, 0]  # the bonus: inverse CDF at 0 -> token 0
+    trees = [[-1, 0, 0, 0]]  # three children of the root, tokens 0, 1, 2
+    coins = torch.ones(1, size)
+    predicts, accept_index, accept_num = sampled_verify(probs, trees, 2, coins, torch.tensor([0.0]))
+    assert accept_num.tolist() == [0] and accept_index.tolist() == [[0, -1]]
+    assert predicts[0] == 3  # tokens 0-2 rejected: the first of the rest
+    predicts, _, _ = sampled_verify(probs, trees, 2, coins, torch.tensor([0.999]))
+    assert predicts[0] == 5
+
+
+def test_top_k_top_p_renorm():
+    probs = torch.tensor([[0.1, 0.4, 0.2, 0.3], [0.25, 0.25, 0.25, 0.25]])
+    top_k = tree.top_k_renorm_prob(probs, torch.tensor([2, 1 << 30]))
+    assert torch.allclose(top_k, torch.tensor([[0, 4 / 7, 0, 3 / 7], [0.25] * 4]))
+    top_p = tree.top_p_renorm_prob(probs, torch.tensor([0.6, 1.0]))
+    assert torch.allclose(top_p, torch.tensor([[0, 4 / 7, 0, 3 / 7], [0.25] * 4]))
+    assert torch.allclose(tree.top_p_renorm_prob(probs, torch.tensor([0.4, 0.1]))[0], torch.tensor([0.0, 1, 0, 0]))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the kernels run natively")
+def test_triton_stand_ins_in_the_interpreter():
+    """The PyTorch stand-ins against SGLang's Triton kernels, run by Triton's interpreter in a
+    child process (no other test runs with the interpreter on)."""
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         os.path.join(GPU_TESTS, "test_gpu_speculative_kernels.py"), "-k", "triton"],
+        env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
