@@ -20,6 +20,7 @@ NGRAM, EAGLE / EAGLE3 (topk 1 and > 1, page size 1) and STANDALONE run on CPU th
 * PyTorch versions of the Triton kernels of the speculative path (``kernels``);
 * TARGET_VERIFY with the tree mask and the draft's multi-step decode for the torch_native
   backend at dcp 1 (``attention``); under DCP the product's backends run them;
+* under DCP, page size > 1 with topk > 1 allowed on torch_native (DCP's backend handles it);
 * the n-gram corpus compiled with ``<cstddef>`` (GCC 12), NGRAM allowed on CPU and its worker
   on the engine's device, KV moves in PyTorch (``SGLANG_NATIVE_MOVE_KV_CACHE``), no
   ``torch.cuda.synchronize`` when a draft shares the target's embeddings, no
@@ -76,6 +77,17 @@ def ngram_on_cpu(original, server_args):
     if server_args.device != "cpu":
         return original(server_args)
     with replaced(server_args, "device", "cuda"):
+        return original(server_args)
+
+
+def paged_trees_on_torch_native_dcp(original, server_args):
+    """SGLang refuses ``--page-size > 1`` with ``--speculative-eagle-topk > 1`` on any backend
+    but flashinfer, fa3 and triton (``_handle_eagle_family``). DCP's torch_native backend reads
+    the paged draft-tree layout token by token, so under DCP the check sees flashinfer."""
+    paged_tree = server_args.page_size > 1 and (server_args.speculative_eagle_topk or 1) > 1
+    if server_args.attention_backend != "torch_native" or server_args.dcp_size == 1 or not paged_tree:
+        return original(server_args)
+    with replaced(server_args, "attention_backend", "flashinfer"):
         return original(server_args)
 
 
@@ -165,6 +177,8 @@ HOOKS = (
          HookType.AFTER, "CPU speculation: CPU only, loud in the log"),
     Hook("sglang.srt.arg_groups.speculative_hook._handle_ngram", ngram_on_cpu, HookType.AROUND,
          "CPU speculation: NGRAM allowed on CPU"),
+    Hook("sglang.srt.arg_groups.speculative_hook._handle_eagle_family", paged_trees_on_torch_native_dcp,
+         HookType.AROUND, "CPU speculation: paged draft trees on DCP's torch_native backend"),
     Hook("sglang.jit_kernel.utils.load_jit", ngram_corpus_with_cstddef, HookType.AROUND,
          "CPU speculation: the n-gram corpus builds with GCC 12"),
     Hook(f"{_SPEC}.ngram_worker.NGRAMWorker.__init__", ngram_worker_on_engine_device, HookType.AFTER,
