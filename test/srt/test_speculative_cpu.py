@@ -279,3 +279,218 @@ def test_triton_stand_ins_in_the_interpreter():
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert " passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
+
+
+def test_test_mode_refuses_other_devices():
+    from types import SimpleNamespace
+
+    from sglang_dcp.server_args import DCPConfigError
+    from sglang_dcp.test.speculative_cpu import check_cpu_speculation_args
+
+    with pytest.raises(DCPConfigError, match="SGLANG_DCP_TEST_CPU_SPECULATION=1 replaces CUDA kernels"):
+        check_cpu_speculation_args(None, SimpleNamespace(device="cuda"))
+
+
+# ---- end to end: speculation against no speculation, dcp 1 ---------------------------------
+
+SPECULATION_ENV = {"SGLANG_DCP_TEST_CPU_SPECULATION": "1"}
+LOGPROB_TOL = 1e-4  # float32
+VOCAB_SIZE = 1024
+CHUNKED_PREFILL_SIZE = 64
+MAX_NEW_TOKENS = 16
+STEPS = 3  # draft steps: topk 1 verifies a chain of STEPS + 1 tokens, topk 4 a tree of 8
+
+
+def speculative_scenario(max_new_tokens: int) -> list:
+    """Greedy prompts of 1, 17 and 150 tokens (two chunks of prefill) and two repetitive ones
+    (NGRAM drafts from them); then radix-cache prefix hits; then seeded sampling."""
+    from sglang_dcp.test.engine_compare import Batch, random_ids
+
+    rng = random.Random(0)
+    motif = random_ids(rng, 8, VOCAB_SIZE)
+    repetitive = [motif * 6, random_ids(rng, 3, VOCAB_SIZE) * 10]
+    prompts = [random_ids(rng, n, VOCAB_SIZE) for n in (1, 17, 150)] + repetitive
+    extended = [prompts[2] + random_ids(rng, 9, VOCAB_SIZE), repetitive[0] + motif]
+    greedy = {"max_new_tokens": max_new_tokens, "temperature": 0.0}
+    sampled = {"max_new_tokens": max_new_tokens, "temperature": 0.8, "top_p": 0.9, "sampling_seed": 1234}
+    return [Batch(prompts, greedy), Batch(extended, greedy), Batch(prompts[1:4], sampled)]
+
+
+def engine_kwargs(tp_size: int, **overrides) -> dict:
+    from sglang_dcp.test.serving import bind_cpu_threads
+
+    bind_cpu_threads(tp_size)
+    return dict(
+        device="cpu", tp_size=tp_size, dtype="float32", attention_backend="torch_native",
+        mem_fraction_static=0.3, max_total_tokens=2048, chunked_prefill_size=CHUNKED_PREFILL_SIZE,
+        max_running_requests=8, skip_tokenizer_init=True, grammar_backend="none", disable_cuda_graph=True,
+        random_seed=0, log_level="error", **overrides,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A three-layer Llama target (4 query heads, 1 KV head) and random EAGLE / EAGLE3 drafts
+    (EAGLE3 reads the hidden states before target layers 1 and 2)."""
+    from sglang_dcp.test.models import write_random_eagle_draft, write_random_gqa_model
+
+    root = tmp_path_factory.mktemp("speculative")
+    target = write_random_gqa_model(
+        str(root / "target"), num_attention_heads=4, num_key_value_heads=1, num_hidden_layers=3,
+        vocab_size=VOCAB_SIZE, architecture="LlamaForCausalLM",
+    )  # fmt: skip
+    return {
+        "target": target,
+        "EAGLE": write_random_eagle_draft(str(root / "eagle"), target),
+        "EAGLE3": write_random_eagle_draft(str(root / "eagle3"), target, eagle3=True),
+        "STANDALONE": target,
+    }
+
+
+NGRAM_ARGS = """
+from sglang.srt.plugins import load_plugins
+load_plugins()
+from sglang.srt.server_args import ServerArgs
+args = ServerArgs(model_path={model!r}, device="cpu", attention_backend="torch_native",
+                  speculative_algorithm="NGRAM", skip_tokenizer_init=True)
+print("NGRAM accepted, draft tokens", args.speculative_num_draft_tokens)
+"""
+
+
+@pytest.mark.parametrize("test_mode", [False, True])
+def test_ngram_on_cpu_needs_the_test_mode(models, test_mode):
+    """Stock SGLang refuses NGRAM on CPU; the test mode, and only it, lets it through (in a
+    fresh interpreter: plugins load once per process)."""
+    env = {k: v for k, v in os.environ.items() if k != "SGLANG_DCP_TEST_CPU_SPECULATION"}
+    run = subprocess.run(
+        [sys.executable, "-c", NGRAM_ARGS.format(model=models["target"])],
+        env={**env, **(SPECULATION_ENV if test_mode else {})}, capture_output=True, text=True,
+    )  # fmt: skip
+    if test_mode:
+        assert run.returncode == 0 and "NGRAM accepted, draft tokens 12" in run.stdout, run.stderr[-2000:]
+    else:
+        assert run.returncode != 0 and "Ngram speculative decoding only supports CUDA device" in run.stderr
+
+
+def speculation(algorithm: str, topk: int, models) -> dict:
+    if algorithm == "NGRAM":
+        return dict(speculative_algorithm="NGRAM", speculative_num_draft_tokens=8)
+    return dict(
+        speculative_algorithm=algorithm, speculative_draft_model_path=models[algorithm],
+        speculative_num_steps=STEPS, speculative_eagle_topk=topk,
+        speculative_num_draft_tokens=STEPS + 1 if topk == 1 else 2 * (STEPS + 1),
+    )  # fmt: skip
+
+
+_references = {}
+
+
+def no_speculation(models, tp_size: int):
+    """The reference run, ``STEPS`` tokens longer than the speculative runs (what the last
+    verify pass may accept beyond them); kept for every case of its tp size."""
+    from sglang_dcp.test.engine_compare import run_engine_isolated
+
+    if tp_size not in _references:
+        _references[tp_size] = run_engine_isolated(
+            models["target"], speculative_scenario(MAX_NEW_TOKENS + STEPS), **engine_kwargs(tp_size)
+        )
+    return _references[tp_size]
+
+
+def greedy_prefix(run, num_tokens: int):
+    """``run``'s greedy requests with their first ``num_tokens`` output tokens."""
+    import dataclasses
+
+    cut = [
+        dataclasses.replace(r, output_ids=r.output_ids[:num_tokens], token_logprobs=r.token_logprobs[:num_tokens],
+                            top_logprobs=r.top_logprobs[:num_tokens], top_ids=r.top_ids[:num_tokens])
+        for r in run.results if r.greedy
+    ]  # fmt: skip
+    return dataclasses.replace(run, results=cut)
+
+
+def standalone_prediction(prompt, output, steps: int, num_tokens: int, continuations):
+    """STANDALONE's ``(verify passes, accept histogram)`` for a request, when the draft is the
+    target. SGLang feeds a draft the sequence shifted by one token (each position holds the
+    next token), so with ``L`` tokens committed the draft proposes the target's greedy
+    continuation of ``seq[1 : L + 1]`` (``continuations[L]``), and the verify accepts it as far
+    as it matches ``seq[L + 1 :]``; the prefill gives the first token, each verify pass the
+    accepted drafts and one more, until ``num_tokens``."""
+    seq = prompt + output
+    committed, produced, histogram = len(prompt), 1, [0] * (steps + 1)
+    while produced < num_tokens:
+        draft = continuations[committed]
+        accepted = 0
+        while accepted < steps and draft[accepted] == seq[committed + 1 + accepted]:
+            accepted += 1
+        histogram[accepted] += 1
+        produced += accepted + 1
+        committed += accepted + 1
+    while histogram[-1] == 0:  # as SGLang reports it: up to the most drafts accepted
+        histogram.pop()
+    return sum(histogram), histogram
+
+
+def predicted_standalone_lengths(models, reference):
+    """``standalone_prediction`` for the first batch's greedy requests (no radix hit), from
+    one no-speculation run over every prefix they go through."""
+    from sglang_dcp.test.engine_compare import Batch, run_engine_isolated
+
+    requests = speculative_scenario(MAX_NEW_TOKENS)[0].input_ids
+    seqs = [prompt + r.output_ids for prompt, r in zip(requests, reference.results)]
+    points = [(i, length) for i, prompt in enumerate(requests) for length in range(len(prompt), len(seqs[i]))]
+    batch = Batch([seqs[i][1 : length + 1] for i, length in points],
+                  {"max_new_tokens": STEPS, "temperature": 0.0}, return_logprob=False)  # fmt: skip
+    run = run_engine_isolated(models["target"], [batch], **engine_kwargs(1))
+    continuations = {point: r.output_ids for point, r in zip(points, run.results)}
+    return [
+        standalone_prediction(prompt, r.output_ids, STEPS, MAX_NEW_TOKENS,
+                              {length: continuations[(i, length)] for (j, length) in points if j == i})
+        for i, (prompt, r) in enumerate(zip(requests, reference.results))
+    ]  # fmt: skip
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize(
+    "algorithm,topk,tp_size,overlap",
+    [
+        ("NGRAM", 1, 1, False),
+        ("EAGLE", 1, 2, True),
+        ("EAGLE", 4, 1, True),
+        ("EAGLE3", 1, 1, False),
+        ("EAGLE3", 4, 2, True),
+        ("STANDALONE", 1, 1, True),
+        ("STANDALONE", 4, 2, False),
+    ],
+    ids=["ngram-tp1", "eagle-topk1-tp2", "eagle-topk4-tp1", "eagle3-topk1-tp1", "eagle3-topk4-tp2",
+         "standalone-topk1-tp1", "standalone-topk4-tp2"],
+)  # fmt: skip
+def test_speculation_matches_no_speculation(models, algorithm, topk, tp_size, overlap):
+    """Every greedy request gives the tokens of the run without speculation, top-5 logprobs
+    within ``LOGPROB_TOL``; every request was verified (accept histograms reported). NGRAM
+    gives more than 2 tokens per verify pass over the greedy requests; STANDALONE topk 1
+    accepts exactly the predicted drafts."""
+    from sglang_dcp.test.engine_compare import compare, run_engine_isolated
+
+    reference = no_speculation(models, tp_size)
+    run = run_engine_isolated(
+        models["target"], speculative_scenario(MAX_NEW_TOKENS), env=SPECULATION_ENV,
+        **engine_kwargs(tp_size, disable_overlap_schedule=not overlap), **speculation(algorithm, topk, models),
+    )  # fmt: skip
+    agreement = compare(greedy_prefix(reference, MAX_NEW_TOKENS), greedy_prefix(run, MAX_NEW_TOKENS))
+    lengths = [(r.spec_verify_ct, r.spec_accept_histogram) for r in run.results]
+    mean_accept = [MAX_NEW_TOKENS / ct for ct, _ in lengths]
+    print(f"{algorithm} topk {topk} tp {tp_size}: {agreement}; (verify passes, accept histogram) {lengths}; "
+          f"mean accept length {[round(m, 2) for m in mean_accept]}")  # fmt: skip
+    assert agreement.identical_requests == agreement.num_requests == 7, agreement
+    assert agreement.max_logprob_diff < LOGPROB_TOL, agreement
+    for r, (verify_ct, histogram) in zip(run.results, lengths):
+        assert len(r.output_ids) == MAX_NEW_TOKENS
+        assert verify_ct > 0 and sum(histogram) == verify_ct
+        # the prefill gives one token, each verify pass its accepted drafts and one more
+        assert MAX_NEW_TOKENS - 1 <= sum((1 + a) * n for a, n in enumerate(histogram)) <= MAX_NEW_TOKENS - 2 + len(histogram)
+    if algorithm == "NGRAM":  # the random model's outputs repeat themselves, as do some prompts
+        greedy_verifies = sum(ct for r, (ct, _) in zip(run.results, lengths) if r.greedy)
+        assert agreement.num_requests * MAX_NEW_TOKENS / greedy_verifies > 2, lengths
+    if algorithm == "STANDALONE" and topk == 1:
+        assert lengths[:5] == predicted_standalone_lengths(models, reference)

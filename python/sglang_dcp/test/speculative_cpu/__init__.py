@@ -66,9 +66,9 @@ def check_cpu_speculation_args(_result, server_args) -> None:
     """In the launching process, before any scheduler starts: CPU only, loud in the log."""
     from sglang_dcp.hooks import require_hooks_applied
 
-    require_hooks_applied()
     if server_args.device != "cpu":
         raise DCPConfigError(f"{ENV}=1 replaces CUDA kernels for CPU tests; unset it for --device {server_args.device}.")
+    require_hooks_applied()
     logger.warning("%s=1 (test mode): speculative decoding through the CPU test stand-ins", ENV)
 
 
