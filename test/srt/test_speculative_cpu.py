@@ -16,43 +16,14 @@ import sys
 import pytest
 import torch
 
-from sglang.srt.speculative.eagle_utils import TreeMaskMode, organize_draft_results
-from sglang.srt.speculative.spec_utils import select_top_k_tokens
+from sglang.srt.speculative.eagle_utils import TreeMaskMode
 from sglang_dcp.test.speculative_cpu import tree
+from sglang_dcp.test.speculative_cpu.drafts import draft_round
 
 GPU_TESTS = os.path.join(os.path.dirname(__file__), "gpu")
 
 
-# ---- draft trees as SGLang builds them, and their references -------------------------------
-
-
-def draft_tree(batch: int, topk: int, steps: int, num_draft: int, vocab: int, seed: int):
-    """One draft round of EAGLE's worker on random draft distributions: the score-list
-    entries' parent entries (``-1``: the root) and tokens, and what
-    ``organize_draft_results`` hands to the tree builder."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def top(rows):
-        p = torch.rand(rows, vocab, generator=gen).softmax(-1)
-        return p.topk(topk, dim=-1)
-
-    topk_p, topk_index = top(batch)
-    scores, hidden, lists = None, None, ([], [], [])
-    for step in range(steps):
-        _, hidden, scores, info = select_top_k_tokens(step, topk_p, topk_index, hidden, scores, topk)
-        for collected, item in zip(lists, info):
-            collected.append(item)
-        topk_p, topk_index = top(batch * topk)
-    score_list, token_list, parents_list = lists
-    parent_list, selected, draft_tokens = organize_draft_results(score_list, token_list, parents_list, num_draft)
-    # entry ids: step 0 holds [0, topk); step s >= 1 holds topk + (s-1)*topk^2 + [0, topk^2),
-    # whose candidate c descends from the (c // topk)-th entry chosen at step s - 1
-    parent_entry = []
-    for b in range(batch):
-        chosen = [parents_list[0][b, 1:].tolist()] + [parents_list[s][b].tolist() for s in range(1, steps)]
-        parent_entry.append([-1] * topk + [chosen[s - 1][c // topk] for s in range(1, steps) for c in range(topk * topk)])
-    tokens = torch.cat(token_list, dim=1)
-    return parent_list, selected, draft_tokens, parent_entry, tokens
+# ---- draft trees and their references -------------------------------------------------------
 
 
 def reference_parents(selected, parent_entry):
@@ -78,7 +49,7 @@ def children_of(parents, node):
 @pytest.mark.parametrize("topk,steps,num_draft", [(1, 3, 4), (4, 3, 8), (2, 5, 10), (8, 1, 8)])
 def test_build_tree_matches_the_draft_tree(topk, steps, num_draft):
     batch, vocab = 3, 50
-    parent_list, selected, draft_tokens, parent_entry, tokens = draft_tree(batch, topk, steps, num_draft, vocab, seed=topk)
+    parent_list, selected, draft_tokens, parent_entry, tokens = draft_round(batch, topk, steps, num_draft, vocab, seed=topk)
     seq_lens = torch.tensor([5, 1, 9])
     bonus = torch.tensor([7, 8, 9])
     mask, positions, index, next_token, next_sibling, flat_tokens = tree.build_tree_kernel_efficient(
@@ -111,7 +82,7 @@ def test_build_tree_matches_the_draft_tree(topk, steps, num_draft):
 
 def test_build_tree_qlen_only_and_buffers():
     topk, steps, num_draft = 4, 3, 8
-    parent_list, selected, draft_tokens, _, _ = draft_tree(2, topk, steps, num_draft, 40, seed=1)
+    parent_list, selected, draft_tokens, _, _ = draft_round(2, topk, steps, num_draft, 40, seed=1)
     seq_lens = torch.tensor([3, 6])
     args = (torch.tensor([1, 2]), parent_list, selected, draft_tokens, seq_lens, 9, topk, steps, num_draft)
     full, positions = tree.build_tree_kernel_efficient(*args)[:2]

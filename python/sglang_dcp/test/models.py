@@ -50,6 +50,16 @@ _MODEL_TYPES = {
 }
 # A small mixture of experts for "Qwen3MoeForCausalLM" (transformers' default has 128 experts)
 _MOE_DEFAULTS = dict(num_experts=8, decoder_sparse_step=1, mlp_only_layers=[])
+# Every model written here: default RoPE, untied embeddings, and no BOS/EOS/pad ids, so random
+# weights never stop a generation early
+_CONFIG_COMMON = dict(
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+    bos_token_id=None,
+    eos_token_id=None,
+    pad_token_id=None,
+)
 
 
 def write_dummy_gqa_model(
@@ -107,12 +117,7 @@ def write_dummy_gqa_model(
         vocab_size=vocab_size,
         max_position_embeddings=max_position_embeddings,
         initializer_range=initializer_range,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
+        **_CONFIG_COMMON,
         dtype=torch_dtype,
         **moe,
     )
@@ -181,12 +186,7 @@ def write_random_eagle_draft(
         intermediate_size=target.intermediate_size,
         vocab_size=target.vocab_size,
         max_position_embeddings=target.max_position_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
+        **_CONFIG_COMMON,
         dtype="float32",
         **extra,
     )

@@ -12,12 +12,12 @@ import random
 import pytest
 import torch
 
-from sglang.srt.speculative.eagle_utils import TreeMaskMode, organize_draft_results
-from sglang.srt.speculative.spec_utils import select_top_k_tokens
+from sglang.srt.speculative.eagle_utils import TreeMaskMode
 from sglang.srt.speculative.triton_ops import cache_locs, eagle
 from sglang.srt.speculative.triton_ops.gather_spec_extras import gather_spec_extras
 from sglang.srt.utils import next_power_of_2
 from sglang_dcp.test.speculative_cpu import kernels, tree
+from sglang_dcp.test.speculative_cpu.drafts import draft_round
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -110,29 +110,13 @@ def test_triton_gather_spec_extras(with_hidden):
 # ---- sgl_kernel's CUDA tree kernels ---------------------------------------------------------
 
 
-def draft_round(batch, topk, steps, num_draft, vocab, seed):
-    gen = torch.Generator().manual_seed(seed)
-
-    def top(rows):
-        return torch.rand(rows, vocab, generator=gen).softmax(-1).topk(topk, dim=-1)
-
-    topk_p, topk_index = top(batch)
-    scores, hidden, lists = None, None, ([], [], [])
-    for step in range(steps):
-        _, hidden, scores, info = select_top_k_tokens(step, topk_p, topk_index, hidden, scores, topk)
-        for collected, item in zip(lists, info):
-            collected.append(item)
-        topk_p, topk_index = top(batch * topk)
-    return [t.to(DEVICE) for t in organize_draft_results(*lists, num_draft)]
-
-
 @needs_cuda
 @pytest.mark.parametrize("topk,steps,num_draft", [(1, 3, 4), (4, 3, 8), (2, 5, 10)])
 @pytest.mark.parametrize("mode", [TreeMaskMode.FULL_MASK, TreeMaskMode.QLEN_ONLY])
 def test_cuda_build_tree(topk, steps, num_draft, mode):
     from sglang.srt.speculative import eagle_utils
 
-    parent_list, selected, draft_tokens = draft_round(4, topk, steps, num_draft, 60, seed=topk)
+    parent_list, selected, draft_tokens = (t.to(DEVICE) for t in draft_round(4, topk, steps, num_draft, 60, seed=topk)[:3])
     seq_lens = torch.tensor([5, 1, 9, 30], device=DEVICE)
     args = (torch.tensor([1, 2, 3, 4], device=DEVICE), parent_list, selected, draft_tokens, seq_lens,
             int(seq_lens.sum()), topk, steps, num_draft, mode)
@@ -190,7 +174,7 @@ def test_cuda_sampled_verify_and_renorm():
     from sgl_kernel import top_k_renorm_prob, top_p_renorm_prob, tree_speculative_sampling_target_only
 
     batch, topk, steps, num_draft, vocab = 5, 2, 3, 5, 32
-    parent_list, selected, draft_tokens = draft_round(batch, topk, steps, num_draft, vocab, seed=4)
+    parent_list, selected, draft_tokens = (t.to(DEVICE) for t in draft_round(batch, topk, steps, num_draft, vocab, seed=4)[:3])
     seq_lens = torch.tensor([4, 2, 6, 1, 3], device=DEVICE)
     built = tree.build_tree_kernel_efficient(
         torch.zeros(batch, dtype=torch.int64, device=DEVICE), parent_list, selected, draft_tokens, seq_lens,
