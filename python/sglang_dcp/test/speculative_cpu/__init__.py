@@ -40,6 +40,7 @@ import torch
 from sglang.srt.plugins.hook_registry import HookType
 
 from sglang_dcp.hooks import Hook
+from sglang_dcp.layers.attention.dcp_backend import DCPMultiStepDraftBackend
 from sglang_dcp.server_args import DCPConfigError
 from sglang_dcp.test.speculative_cpu import attention, kernels, tree
 
@@ -142,8 +143,10 @@ def torch_native_draft_decode(original, factory):
         return original(factory)
     if factory.speculative_num_steps <= 1:
         return None
-    return attention.TorchNativeMultiStepDraftBackend(
-        factory.draft_model_runner, factory.topk, factory.speculative_num_steps
+    return DCPMultiStepDraftBackend(
+        lambda: attention.TorchNativeDraftStepBackend(factory.draft_model_runner),
+        factory.topk,
+        factory.speculative_num_steps,
     )
 
 

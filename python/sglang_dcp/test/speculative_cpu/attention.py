@@ -6,7 +6,7 @@ Stock torch_native runs extend and decode only. The speculative passes add:
   at ``out_cache_loc``, which holds ``req_to_token[r_b, L : L + N]``, and draft token ``i``
   attends to key ``j`` of ``req_to_token[r_b, : L + N]`` where the verify's ``custom_mask``
   says so: request after request, ``N`` rows of ``L + N`` booleans (prefix, then the tree);
-* the draft's decode steps (``TorchNativeMultiStepDraftBackend``): query ``b * topk + t`` of
+* the draft's decode steps (``TorchNativeDraftStepBackend``): query ``b * topk + t`` of
   step ``s`` attends to ``req_to_token[r_b, :L]`` and to its branch's slots so far,
   ``out_cache_loc[b, t, : s + 1]`` of the draft's ``[B, topk, steps]`` layout
   (``eagle_utils.per_step_draft_out_cache_loc``);
@@ -75,10 +75,13 @@ def verify_with_tree_mask(original, backend, q, k, v, layer, forward_batch, save
 
 
 class TorchNativeDraftStepBackend(TorchNativeAttnBackend):
-    """One decode step of the draft model; ``branch_slots [B, topk, s + 1]`` is set by
-    ``TorchNativeMultiStepDraftBackend`` before the step runs."""
+    """One decode step of the draft model; its steps run under DCP's multi-step wrapper
+    (``DCPMultiStepDraftBackend``), which sets each step's ``branch_slots [B, topk, s + 1]``."""
 
     branch_slots: torch.Tensor
+
+    def init_draft_step_metadata(self, forward_batch, branch_slots: torch.Tensor) -> None:
+        self.branch_slots = branch_slots
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         store_new_kv(self, layer, forward_batch, k, v, save_kv_cache)
@@ -93,19 +96,3 @@ class TorchNativeDraftStepBackend(TorchNativeAttnBackend):
                 slots = torch.cat([prefix, self.branch_slots[b, t].to(prefix.dtype)])
                 o[b, t] = attend(q[b, t].unsqueeze(0), slots, layer, self).squeeze(0)
         return o.view(-1, layer.tp_q_head_num * layer.v_head_dim)
-
-
-class TorchNativeMultiStepDraftBackend:
-    """The draft's decode steps with the interface of SGLang's multi-step draft backends:
-    ``attn_backends[s]`` runs step ``s``; only ``steps - 1`` steps run the model."""
-
-    def __init__(self, model_runner, topk: int, speculative_num_steps: int):
-        self.topk = topk
-        self.speculative_num_steps = speculative_num_steps
-        self.attn_backends = [TorchNativeDraftStepBackend(model_runner) for _ in range(speculative_num_steps - 1)]
-
-    def init_forward_metadata(self, forward_batch) -> None:
-        slots = forward_batch.out_cache_loc.view(forward_batch.batch_size, self.topk, self.speculative_num_steps)
-        for step, backend in enumerate(self.attn_backends):
-            backend.init_forward_metadata(forward_batch)
-            backend.branch_slots = slots[:, :, : step + 1]
