@@ -43,7 +43,7 @@ class Problem:
     D: ``loc % D == position % D`` as the allocator keeps it), their committed K/V in a
     logical table, and this rank's pool of the slots it owns."""
 
-    def __init__(self, seq_lens, dcp, rank, gen, stride=64, layers=1):
+    def __init__(self, seq_lens, dcp, rank, gen, stride=64, layers=1, v_dim=DIM):
         from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
         self.dcp, self.rank, self.seq_lens = dcp, rank, seq_lens
@@ -52,10 +52,10 @@ class Problem:
             self.req_to_token[b] = (b + 1) * stride + torch.arange(stride, dtype=torch.int32)
         num_slots = (len(seq_lens) + 2) * stride
         self.k = torch.randn(layers, num_slots, HKV, DIM, generator=gen)  # logical K/V
-        self.v = torch.randn(layers, num_slots, HKV, DIM, generator=gen)
+        self.v = torch.randn(layers, num_slots, HKV, v_dim, generator=gen)
         self.pool = MHATokenToKVPool(
             num_slots // dcp, page_size=1, dtype=torch.float32, head_num=HKV, head_dim=DIM,
-            layer_num=layers, device="cpu", enable_memory_saver=False,
+            layer_num=layers, device="cpu", enable_memory_saver=False, v_head_dim=v_dim,
         )
         for b, n in enumerate(seq_lens):
             self.store(self.req_to_token[b, :n].long())
@@ -207,14 +207,14 @@ def kv_move_case(dcp, group, gen):
     from sglang_dcp.mem_cache.kv_move import move_kv_in_group
 
     r = group.rank_in_group
-    problem = Problem([40], dcp, r, gen, layers=2)
+    problem = Problem([40], dcp, r, gen, layers=2, v_dim=DIM // 2)  # V rows smaller than K rows
     base = int(problem.req_to_token[0, 0])
     # tree nodes -> path positions (crossing ranks), a same-owner move, and a chain: the
     # source of the second move is the target of the third (moves are simultaneous)
     src = base + torch.tensor([20, 23, 22, 31, 30])
     tgt = base + torch.tensor([21, 22, 22 + 2 * dcp, 30 + dcp, 33])
-    expected_k = problem.k.clone()
-    expected_k[:, tgt] = problem.k[:, src]
+    expected_k, expected_v = problem.k.clone(), problem.v.clone()
+    expected_k[:, tgt], expected_v[:, tgt] = problem.k[:, src], problem.v[:, src]
     naive = [b.clone() for b in problem.pool.k_buffer]
     for buf in naive:  # what a rank-local copy of physical rows does
         buf[tgt // dcp] = buf[src // dcp]
@@ -224,6 +224,7 @@ def kv_move_case(dcp, group, gen):
     mine = mine[mine % dcp == r]
     for layer in range(2):
         assert torch.equal(problem.pool.k_buffer[layer][mine // dcp], expected_k[layer, mine])
+        assert torch.equal(problem.pool.v_buffer[layer][mine // dcp], expected_v[layer, mine])
     wrong = [not torch.equal(naive[0][mine // dcp], expected_k[0, mine])]
     torch.distributed.all_reduce(t := torch.tensor(wrong, dtype=torch.int32), group=group.cpu_group)
     assert int(t) > 0, "the moves should include one that a rank-local copy gets wrong"

@@ -36,20 +36,23 @@ def move_kv_in_group(pool, tgt_loc: torch.Tensor, src_loc: torch.Tensor, group) 
     num_ranks, rank = group.world_size, group.rank_in_group
     tgt, src = tgt_loc.reshape(-1).long(), src_loc.reshape(-1).long()
     src_owner, tgt_owner = owner_rank(src, num_ranks), owner_rank(tgt, num_ranks)
+    # every buffer's row side by side (K and V rows may differ in size)
+    ends = torch.tensor([b.shape[1] for b in buffers]).cumsum(0).tolist()
+    columns = [slice(end - b.shape[1], end) for b, end in zip(buffers, ends)]
 
     owned_src = src_owner == rank
     src_rows = physical_row(src[owned_src], num_ranks)
-    moved = buffers[0].new_zeros((len(buffers), src.numel(), buffers[0].shape[1]))
-    for moved_rows, buffer in zip(moved, buffers):
-        moved_rows[owned_src] = buffer[src_rows]
+    moved = buffers[0].new_zeros((src.numel(), ends[-1]))
+    for buffer, cols in zip(buffers, columns):
+        moved[owned_src, cols] = buffer[src_rows]
     crosses = src_owner != tgt_owner
     if bool(crosses.any()):  # the same on every rank: they all see the same slots
-        gathered = all_gather_along_dim(group, moved[:, crosses].unsqueeze(0), dim=0)
-        moves = torch.arange(gathered.shape[2], device=gathered.device)
-        # gathered [D, buffers, moves, bytes]: move j's row comes from its source's owner
-        moved[:, crosses] = gathered[src_owner[crosses], :, moves].transpose(0, 1)
+        gathered = all_gather_along_dim(group, moved[crosses].unsqueeze(0), dim=0)
+        # gathered [D, moves, bytes]: each crossing move's row from its source's owner
+        moves = torch.arange(gathered.shape[1], device=gathered.device)
+        moved[crosses] = gathered[src_owner[crosses], moves]
 
     owned_tgt = tgt_owner == rank
     tgt_rows = physical_row(tgt[owned_tgt], num_ranks)
-    for moved_rows, buffer in zip(moved, buffers):
-        buffer[tgt_rows] = moved_rows[owned_tgt]
+    for buffer, cols in zip(buffers, columns):
+        buffer[tgt_rows] = moved[owned_tgt, cols]

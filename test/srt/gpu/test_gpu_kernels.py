@@ -224,15 +224,30 @@ def test_decode_partials_merge_to_full_attention(dcp, heads_per_rank):
         assert torch.allclose(merged_lse[b].double(), lse_ref[0], atol=1e-2), (b, n)
 
 
+def prefix_partials_merged(kv, prefix_lens, q, qo_indptr, workspace, scale):
+    """Queries ``q [T, D*Hq, d]`` (``qo_indptr`` per request) over each request's first
+    ``prefix_lens`` tokens: every rank's non-causal paged partial over what it stores, merged."""
+    from flashinfer import BatchPrefillWithPagedKVCacheWrapper
+
+    from sglang_dcp.layers.attention.flashinfer_dcp_backend import PAGED_KERNEL_BACKEND
+
+    partials = []
+    for r in range(kv.dcp):
+        indptr, indices = kv.local_kv(r, prefix_lens)
+        paged = BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend=PAGED_KERNEL_BACKEND)
+        paged.plan(qo_indptr, indptr, indices, torch.ones(len(prefix_lens), dtype=torch.int32), q.shape[1], 1,
+                   HEAD_DIM, 1, causal=False, q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16)
+        poison_cuda_cache()
+        partials.append(paged.forward_return_lse(q, kv.pools[r], causal=False, sm_scale=scale))
+    return merge_across_ranks(partials)
+
+
 @needs_cuda
 @pytest.mark.parametrize("dcp", [2, 4])
 def test_extend_partials_merge_to_full_attention(dcp):
-    from flashinfer import BatchPrefillWithPagedKVCacheWrapper, BatchPrefillWithRaggedKVCacheWrapper
+    from flashinfer import BatchPrefillWithRaggedKVCacheWrapper
 
-    from sglang_dcp.layers.attention.flashinfer_dcp_backend import (
-        PAGED_KERNEL_BACKEND,
-        exclusive_cumsum,
-    )
+    from sglang_dcp.layers.attention.flashinfer_dcp_backend import exclusive_cumsum
     from sglang_dcp.layers.attention.merge import merge_states
 
     torch.manual_seed(10 + dcp)
@@ -253,15 +268,7 @@ def test_extend_partials_merge_to_full_attention(dcp):
     poison_cuda_cache()
     o_new, lse_new = ragged.forward_return_lse(q, k_all[new], v_all[new], causal=True, sm_scale=scale)
 
-    partials = []
-    for r in range(dcp):
-        indptr, indices = kv.local_kv(r, prefix_lens)
-        paged = BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD", backend=PAGED_KERNEL_BACKEND)
-        paged.plan(qo_indptr, indptr, indices, torch.ones(len(seq_lens), dtype=torch.int32), heads, 1,
-                   HEAD_DIM, 1, causal=False, q_data_type=torch.bfloat16, kv_data_type=torch.bfloat16)
-        poison_cuda_cache()
-        partials.append(paged.forward_return_lse(q, kv.pools[r], causal=False, sm_scale=scale))
-    o_pre, lse_pre = merge_across_ranks(partials)
+    o_pre, lse_pre = prefix_partials_merged(kv, prefix_lens, q, qo_indptr, workspace, scale)
     merged, _ = merge_states([o_new, o_pre], [lse_new, lse_pre], 2.0)
 
     q_start = 0
@@ -270,3 +277,127 @@ def test_extend_partials_merge_to_full_attention(dcp):
         o_ref, _ = reference(q[q_start : q_start + e], k_all[s : s + p + e], v_all[s : s + p + e], scale, positions)
         assert rel_err(merged[q_start : q_start + e], o_ref) < BF16_REL_TOL, (p, e)
         q_start += e
+
+
+def draft_branch_problem(dcp, prefix_lens, topk, steps):
+    """Requests whose first ``prefix_lens`` tokens are committed and whose next ``topk * steps``
+    hold the draft branches (branch ``t``'s step ``s`` at ``prefix + t * steps + s``, SGLang's
+    page-1 layout), all stored on their owners. Returns ``(kv, k, v, slots [B, topk, steps])``."""
+    seq_lens = [p + topk * steps for p in prefix_lens]
+    k, v = random_bf16(sum(seq_lens), 1, HEAD_DIM), random_bf16(sum(seq_lens), 1, HEAD_DIM)
+    kv = ShardedKV(seq_lens, dcp, k, v)
+    offsets = torch.arange(topk * steps, device=DEVICE).view(topk, steps)
+    slots = torch.stack([kv.req_to_token[b, p + offsets].long() for b, p in enumerate(prefix_lens)])
+    return kv, k, v, slots
+
+
+@needs_triton
+@pytest.mark.parametrize("dcp", [2, 4])
+def test_draft_step_kv_indices_kernel(dcp):
+    """Each draft branch's local rows: its request's prefix rows stored here, then its own."""
+    from sglang_dcp.layers.attention.flashinfer_dcp_backend import draft_step_kv_indices
+    from sglang_dcp.mem_cache.layout import local_slot_rows, local_token_rows
+
+    prefix_lens, topk, steps = [1, 2, 5, 700], 3, 4
+    kv, _, _, slots = draft_branch_problem(dcp, prefix_lens, topk, steps)
+    seq_lens = torch.tensor(prefix_lens, dtype=torch.int32)
+    req_pool_indices = torch.arange(len(prefix_lens), device=DEVICE)
+    for step in range(steps):
+        for r in range(dcp):
+            indptr, indices = draft_step_kv_indices(
+                kv.req_to_token, req_pool_indices, seq_lens.to(DEVICE), seq_lens,
+                slots[:, :, : step + 1], dcp, r,
+            )
+            for b, n in enumerate(prefix_lens):
+                for t in range(topk):
+                    q = b * topk + t
+                    expected = torch.cat([local_token_rows(kv.req_to_token[b], n, dcp, r),
+                                          local_slot_rows(slots[b, t, : step + 1], dcp, r)])
+                    assert torch.equal(indices[indptr[q] : indptr[q + 1]].long(), expected.long())
+
+
+@needs_cuda
+@pytest.mark.parametrize("dcp", [2, 4])
+def test_draft_step_partials_merge_to_full_attention(dcp):
+    """A draft decode step: one query per branch over its request's prefix and its branch's
+    tokens so far, each rank over what it stores, merged."""
+    from flashinfer import BatchDecodeWithPagedKVCacheWrapper
+
+    from sglang_dcp.layers.attention.flashinfer_dcp_backend import PAGED_KERNEL_BACKEND, draft_step_kv_indices
+
+    torch.manual_seed(20 + dcp)
+    prefix_lens, topk, steps, step = [1, 3, 257, 1000], 3, 4, 2
+    heads = 4 * dcp
+    kv, k, v, slots = draft_branch_problem(dcp, prefix_lens, topk, steps)
+    q = random_bf16(len(prefix_lens) * topk, heads, HEAD_DIM)
+    seq_lens = torch.tensor(prefix_lens, dtype=torch.int32)
+    req_pool_indices = torch.arange(len(prefix_lens), device=DEVICE)
+    scale = HEAD_DIM**-0.5
+    workspace = torch.empty(256 << 20, dtype=torch.uint8, device=DEVICE)
+
+    partials = []
+    for r in range(dcp):
+        indptr, indices = draft_step_kv_indices(
+            kv.req_to_token, req_pool_indices, seq_lens.to(DEVICE), seq_lens, slots[:, :, : step + 1], dcp, r
+        )
+        wrapper = BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", backend=PAGED_KERNEL_BACKEND,
+                                                     use_tensor_cores=True)
+        wrapper.plan(indptr, indices, torch.ones(q.shape[0], dtype=torch.int32), heads, 1, HEAD_DIM, 1,
+                     data_type=torch.bfloat16, q_data_type=torch.bfloat16)
+        poison_cuda_cache()
+        partials.append(wrapper.forward_return_lse(q, kv.pools[r], sm_scale=scale))
+    merged, _ = merge_across_ranks(partials)
+
+    base = kv.req_to_token[:, 0].long()  # logical slot of each request's first token
+    starts = [0] + torch.tensor([p + topk * steps for p in prefix_lens]).cumsum(0)[:-1].tolist()
+    for b, (start, n) in enumerate(zip(starts, prefix_lens)):
+        for t in range(topk):
+            keys = torch.cat([torch.arange(n, device=DEVICE), slots[b, t, : step + 1] - base[b]]) + start
+            query = b * topk + t
+            o_ref, _ = reference(q[query : query + 1], k[keys], v[keys], scale)
+            assert rel_err(merged[query : query + 1], o_ref) < BF16_REL_TOL, (b, t)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dcp", [2, 4])
+def test_verify_tree_partials_merge_to_full_attention(dcp):
+    """A verify pass: draft tokens over the committed prefix (sharded, merged) and over each
+    other under the tree mask (FlashInfer's custom mask on the ragged new-token pass)."""
+    from flashinfer import BatchPrefillWithRaggedKVCacheWrapper
+
+    from sglang_dcp.layers.attention.flashinfer_dcp_backend import exclusive_cumsum
+    from sglang_dcp.layers.attention.merge import merge_states
+
+    torch.manual_seed(30 + dcp)
+    parents = [-1, 0, 0, 1, 1, 2]  # a tree of 6 draft tokens
+    n = len(parents)
+    mask = torch.eye(n, dtype=torch.bool)
+    for i, p in enumerate(parents):
+        while p >= 0:
+            mask[i, p], p = True, parents[p]
+    prefix_lens = [1, 5, 300, 1000]
+    heads = 4 * dcp
+    seq_lens = [p + n for p in prefix_lens]
+    k_all, v_all = random_bf16(sum(seq_lens), 1, HEAD_DIM), random_bf16(sum(seq_lens), 1, HEAD_DIM)
+    kv = ShardedKV(seq_lens, dcp, k_all, v_all)
+    starts = [0] + torch.tensor(seq_lens).cumsum(0)[:-1].tolist()
+    new = torch.cat([torch.arange(s + p, s + p + n) for s, p in zip(starts, prefix_lens)]).to(DEVICE)
+    q = random_bf16(len(prefix_lens) * n, heads, HEAD_DIM)
+    scale = HEAD_DIM**-0.5
+    workspace = torch.empty(256 << 20, dtype=torch.uint8, device=DEVICE)
+    qo_indptr = exclusive_cumsum(torch.full((len(prefix_lens),), n, dtype=torch.int32))
+
+    ragged = BatchPrefillWithRaggedKVCacheWrapper(workspace, "NHD")
+    ragged.plan(qo_indptr, qo_indptr, heads, 1, HEAD_DIM, custom_mask=mask.repeat(len(prefix_lens), 1, 1)
+                .reshape(-1).to(DEVICE), causal=False, q_data_type=torch.bfloat16)
+    poison_cuda_cache()
+    o_new, lse_new = ragged.forward_return_lse(q, k_all[new], v_all[new], causal=False, sm_scale=scale)
+    o_pre, lse_pre = prefix_partials_merged(kv, prefix_lens, q, qo_indptr, workspace, scale)
+    merged, _ = merge_states([o_new, o_pre], [lse_new, lse_pre], 2.0)
+
+    for b, (s, p) in enumerate(zip(starts, prefix_lens)):
+        for i in range(n):
+            keys = torch.cat([torch.arange(s, s + p), s + p + mask[i].nonzero().flatten()]).to(DEVICE)
+            row = b * n + i
+            o_ref, _ = reference(q[row : row + 1], k_all[keys], v_all[keys], scale)
+            assert rel_err(merged[row : row + 1], o_ref) < BF16_REL_TOL, (b, i)
