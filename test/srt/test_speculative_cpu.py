@@ -301,8 +301,9 @@ def engine_kwargs(tp_size: int, **overrides) -> dict:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """A three-layer Llama target (4 query heads, 1 KV head) and random EAGLE / EAGLE3 drafts
-    (EAGLE3 reads the hidden states before target layers 1 and 2)."""
+    """A three-layer Llama target (4 query heads, 1 KV head), an EAGLE draft that echoes the
+    target's last prediction (accepted where the target repeats itself) and a random EAGLE3
+    draft (reading the hidden states before target layers 1 and 2)."""
     from sglang_dcp.test.models import write_random_eagle_draft, write_random_gqa_model
 
     root = tmp_path_factory.mktemp("speculative")
@@ -312,7 +313,7 @@ def models(tmp_path_factory):
     )  # fmt: skip
     return {
         "target": target,
-        "EAGLE": write_random_eagle_draft(str(root / "eagle"), target),
+        "EAGLE": write_random_eagle_draft(str(root / "eagle"), target, echo=True),
         "EAGLE3": write_random_eagle_draft(str(root / "eagle3"), target, eagle3=True),
         "STANDALONE": target,
     }
@@ -439,8 +440,8 @@ def predicted_standalone_lengths(models, reference):
 def test_speculation_matches_no_speculation(models, algorithm, topk, tp_size, overlap):
     """Every greedy request gives the tokens of the run without speculation, top-5 logprobs
     within ``LOGPROB_TOL``; every request was verified (accept histograms reported). NGRAM
-    gives more than 2 tokens per verify pass over the greedy requests; STANDALONE topk 1
-    accepts exactly the predicted drafts."""
+    gives more than 2 tokens per verify pass over the greedy requests, EAGLE's echo draft and
+    STANDALONE have drafts accepted, STANDALONE topk 1 exactly the predicted ones."""
     from sglang_dcp.test.engine_compare import compare, run_engine_isolated
 
     reference = no_speculation(models, tp_size)
@@ -463,5 +464,7 @@ def test_speculation_matches_no_speculation(models, algorithm, topk, tp_size, ov
     if algorithm == "NGRAM":  # the random model's outputs repeat themselves, as do some prompts
         greedy_verifies = sum(ct for r, (ct, _) in zip(run.results, lengths) if r.greedy)
         assert agreement.num_requests * MAX_NEW_TOKENS / greedy_verifies > 2, lengths
+    if algorithm in ("EAGLE", "STANDALONE"):
+        assert sum(a * n for _, histogram in lengths for a, n in enumerate(histogram)) > 0, lengths
     if algorithm == "STANDALONE" and topk == 1:
         assert lengths[:5] == predicted_standalone_lengths(models, reference)

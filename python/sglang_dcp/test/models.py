@@ -151,7 +151,7 @@ def write_random_gqa_model(path: str, *, seed: int = 0, **config) -> str:
 
 
 def write_random_eagle_draft(
-    path: str, target_path: str, *, eagle3: bool = False, aux_layer_ids=None, seed: int = 0
+    path: str, target_path: str, *, eagle3: bool = False, aux_layer_ids=None, echo: bool = False, seed: int = 0
 ) -> str:
     """Write a one-layer EAGLE (``LlamaForCausalLMEagle``) or EAGLE3 (``LlamaForCausalLMEagle3``)
     draft for the target model at ``target_path``: its config and seeded random float32 weights
@@ -164,7 +164,13 @@ def write_random_eagle_draft(
     (default: the first ``min(3, layers - 1)``), ``fc`` maps them to one, and its layer's
     attention takes ``[embedding, hidden]``; it has its own LM head over the whole vocabulary
     and borrows the embedding. Random drafts are rarely accepted: what they prove is that
-    speculation leaves the target's output unchanged. Returns ``path``."""
+    speculation leaves the target's output unchanged. ``echo`` (EAGLE only) makes a draft that
+    is accepted where the target repeats a token: ``fc`` passes the target's hidden state
+    through and the layer adds nothing (zero ``o_proj`` and ``down_proj``), so through the
+    shared LM head the draft proposes, at every step, the target's last prediction again.
+    Returns ``path``."""
+    if echo and eagle3:
+        raise ValueError("echo drafts are EAGLE drafts (EAGLE3 reads other hidden states)")
     target = AutoConfig.from_pretrained(target_path)
     hidden, heads, kv_heads = target.hidden_size, target.num_attention_heads, target.num_key_value_heads
     head_dim = getattr(target, "head_dim", None) or hidden // heads
@@ -210,6 +216,11 @@ def write_random_eagle_draft(
         layer.update({"input_layernorm.weight": torch.ones(hidden), "hidden_norm.weight": torch.ones(hidden)})
         head = {"fc.weight": random(hidden, len(aux_layer_ids) * hidden), "norm.weight": torch.ones(hidden),
                 "lm_head.weight": random(target.vocab_size, hidden)}
+    elif echo:  # fc([embedding, hidden]) = hidden; attention and MLP add 0 to the residual
+        layer.update({"self_attn.o_proj.weight": torch.zeros(hidden, heads * head_dim),
+                      "mlp.down_proj.weight": torch.zeros(hidden, target.intermediate_size)})
+        head = {"fc.weight": torch.cat([torch.zeros(hidden, hidden), torch.eye(hidden)], dim=1),
+                "fc.bias": torch.zeros(hidden)}
     else:  # EAGLE's first layer has no input norm; it has no final norm
         head = {"fc.weight": random(hidden, 2 * hidden), "fc.bias": random(hidden)}
     weights = {f"layers.0.{name}": tensor for name, tensor in layer.items()} | head
