@@ -13,8 +13,11 @@
 #            wheels with their install.sh, for a GPU machine without network) into /tmp/site
 #            if missing, then this package, without network
 #   kernels  test/srt/gpu/test_gpu_kernels.py: Triton merge + index kernels, DCP partial
-#            attention + merge against float64 full attention (D = 2, 4); test_gpu_allocator.py:
-#            SGLang's allocator kernels under DCP, logical pages that are not a power of two
+#            attention + merge against float64 full attention (D = 2, 4; decode, extend, and the
+#            speculative verify tree and draft decode step); test_gpu_allocator.py: SGLang's
+#            allocator kernels under DCP, logical pages that are not a power of two;
+#            test_gpu_speculative_kernels.py: the CPU speculation test mode's kernels against
+#            SGLang's Triton and sgl_kernel's CUDA tree kernels
 #   e2e-tp2  test/srt/gpu/test_e2e_gpu.py at tp=2 (1 KV head): dcp 1 vs 2, CUDA graphs on/off
 #   e2e-tp4  the same at tp=4 (2 KV heads)                                    (4 GPUs)
 #   e2e-dcp4 the same at tp=4, 1 KV head, dcp 4                               (4 GPUs)
@@ -23,6 +26,10 @@
 #   e2e-moe  the same for Qwen3-MoE (top 2 of 8 experts) at page size 16, its bars scaled by a
 #            no-DCP baseline on the triton attention backend
 #   e2e-pressure  a load over 4x the logical pool: retractions and evictions, dcp 1 vs 2
+#   e2e-spec test/srt/gpu/test_e2e_speculative_gpu.py at tp=2: speculative decoding (NGRAM,
+#            EAGLE topk 1 and 4, page 1 and 16, EAGLE3, STANDALONE) under dcp 2 vs dcp 1 with the
+#            same settings and vs no speculation, eager
+#   e2e-spec-dcp4  the same for EAGLE topk 4 at tp=4, dcp 4                   (4 GPUs)
 #   http     benchmark/dcp/http_check.py: launch_server --tp 2 --dcp 2, /generate,
 #            /v1/completions, sglang.bench_serving, once per --dcp-comm
 #   soak     benchmark/dcp/soak.py --device cuda: SOAK_REQUESTS (1000) requests to a dcp 1 server
@@ -43,9 +50,10 @@ source benchmark/dcp/gpu_common.sh
 export DCP_COMM=${DCP_COMM:-a2a,lse}
 
 declare -A GPUS_NEEDED=([kernels]=1 [e2e-tp2]=2 [e2e-tp4]=4 [e2e-dcp4]=4 [e2e-llama]=2 [e2e-fp8]=2
-                        [e2e-moe]=2 [e2e-pressure]=2 [http]=2 [soak]=2)
+                        [e2e-moe]=2 [e2e-pressure]=2 [e2e-spec]=2 [e2e-spec-dcp4]=4 [http]=2 [soak]=2)
 declare -A E2E_CASES=([e2e-tp2]=tp2-kv1 [e2e-tp4]=tp4-kv2 [e2e-dcp4]=tp4-kv1-dcp4 [e2e-llama]=llama
-                      [e2e-moe]=qwen3moe [e2e-fp8]=fp8-kv [e2e-pressure]=memory_pressure)
+                      [e2e-moe]=qwen3moe [e2e-fp8]=fp8-kv [e2e-pressure]=memory_pressure
+                      [e2e-spec]="not dcp4" [e2e-spec-dcp4]=dcp4)
 
 visible_gpus() {  # CUDA_VISIBLE_DEVICES' count where set (a part of an A+B stage), else all
   if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then tr ',' '\n' <<< "$CUDA_VISIBLE_DEVICES" | wc -l
@@ -77,11 +85,14 @@ run_one() {  # one stage by name
       case $1 in
         kernels)
           run_stage kernels python3 -m pytest -q -p no:cacheprovider test/srt/gpu/test_gpu_kernels.py \
-            test/srt/gpu/test_gpu_allocator.py --junitxml "$WORK/kernels.xml"
+            test/srt/gpu/test_gpu_allocator.py test/srt/gpu/test_gpu_speculative_kernels.py \
+            --junitxml "$WORK/kernels.xml"
           ;;
         e2e-*)
+          local test_file=test/srt/gpu/test_e2e_gpu.py
+          [[ $1 == e2e-spec* ]] && test_file=test/srt/gpu/test_e2e_speculative_gpu.py
           DCP_RESULTS_DIR=$WORK run_stage "$1" python3 -m pytest -q -s -p no:cacheprovider \
-            test/srt/gpu/test_e2e_gpu.py -k "${E2E_CASES[$1]}" --junitxml "$WORK/$1.xml"
+            "$test_file" -k "${E2E_CASES[$1]}" --junitxml "$WORK/$1.xml"
           ;;
         http)  # HTTP_PORT: a port of its own beside the other parts of an A+B stage
           run_stage http bash -c 'rc=0; for comm in ${DCP_COMM//,/ }; do
@@ -133,7 +144,7 @@ run_parts() {  # A+B...: at once on GPU pairs, or all on GPU 0 (shared) on a 1-G
 
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(install kernels e2e-tp2 e2e-tp4 e2e-dcp4 e2e-llama e2e-moe e2e-fp8 e2e-pressure
-                                   http soak summary)
+                                   e2e-spec e2e-spec-dcp4 http soak summary)
 
 for stage in "${stages[@]}"; do
   case $stage in

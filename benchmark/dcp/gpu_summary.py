@@ -36,7 +36,8 @@ def load_all(pattern: str) -> list:
 def e2e_rows(result: dict) -> list:
     """One row per DCP run of an e2e case (the dcp 1 baseline sets tolerances, no row)."""
     return [
-        {"stage": result.get("stage"), "case": result["case"], "comm": run["comm"], "graphs": run["graphs"], "requests": run["requests"],
+        {"stage": result.get("stage"), "case": result["case"], "label": run["label"], "comm": run["comm"],
+         "graphs": run["graphs"], "requests": run["requests"],
          "identical": run["identical"], "max_logprob_diff": round(run["max_logprob_diff"], 4),
          "max_gap": run["max_divergence_gap"], "capacity_ratio": run["capacity_ratio"], "pass": run["pass"],
          "shared_gpu": result["shared_gpu"]}

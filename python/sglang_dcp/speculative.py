@@ -30,9 +30,11 @@ every TP rank after the all-reduce; greedy verify and the drafts' top-k are dete
 SGLang broadcasts a sampled verify's result from TP rank 0 (``eagle_utils.eagle_sample``);
 NGRAM's corpus is built from the same tokens on every rank.
 
-Accepted with ``--dcp-size > 1``: NGRAM, EAGLE (NEXTN), EAGLE3 and STANDALONE, any topk and
-page size, greedy and sampled, both ``--dcp-comm`` paths, eagerly (decode CUDA graphs for the
-verify and draft passes are not implemented). ``speculative_refusal`` names what is not.
+Accepted with ``--dcp-size > 1``: NGRAM, EAGLE (NEXTN), EAGLE3 and STANDALONE, chains and
+trees (topk 1 and > 1), page size 1 and > 1, greedy and sampled, both ``--dcp-comm`` paths,
+eagerly (decode CUDA graphs for the verify and draft passes are not implemented under DCP).
+``speculative_refusal`` and ``speculative_graph_refusal`` name what is not (README: which
+combination is proven where).
 """
 
 from typing import Optional

@@ -117,10 +117,10 @@ def speculative_scenario(vocab_size: int, lengths: List[int], max_new_tokens: in
     """For speculative decoding: greedy prompts of ``lengths`` and two repetitive ones (a motif
     of 8 tokens 4 times, one of 3 tokens 10 times: NGRAM drafts from them); then greedy prompts
     that extend the longest and the first motif (radix-cache prefix hits) and a repeat of the
-    second prompt; then seeded sampling of the second to fourth prompts, at a temperature only:
-    over a random model's nearly flat distribution a top-p cut-off falls between tokens that
-    float rounding reorders, so identical samples are not expected across runs that round
-    differently (as DCP's split softmax does) if top-p is set."""
+    second prompt; then seeded sampling of three new prompts (5, 21 and 40 tokens), at a
+    temperature only: over a random model's nearly flat distribution a top-p cut-off falls
+    between tokens that float rounding reorders, so identical samples are not expected across
+    runs that round differently (as DCP's split softmax does) if top-p is set."""
     rng = random.Random(seed)
     motif = random_ids(rng, 8, vocab_size)
     repetitive = [motif * 4, random_ids(rng, 3, vocab_size) * 10]
@@ -128,9 +128,10 @@ def speculative_scenario(vocab_size: int, lengths: List[int], max_new_tokens: in
     extended = [max(prompts, key=len) + random_ids(rng, 9, vocab_size), repetitive[0] + motif]
     greedy = {"max_new_tokens": max_new_tokens, "temperature": 0.0}
     sampled = {"max_new_tokens": max_new_tokens, "temperature": 0.8, "sampling_seed": 1234}
+    fresh = [random_ids(rng, n, vocab_size) for n in (5, 21, 40)]
     return [Batch(prompts, greedy, top_logprobs_num=top_logprobs_num),
             Batch(extended + [prompts[1]], greedy, top_logprobs_num=top_logprobs_num),
-            Batch(prompts[1:4], sampled, top_logprobs_num=top_logprobs_num)]
+            Batch(fresh, sampled, top_logprobs_num=top_logprobs_num)]
 
 
 def pressure_scenario(vocab_size: int, num_prompts: int, max_new_tokens: int, seed: int = 0,

@@ -134,11 +134,9 @@ class DCPAttnBackend(AttentionBackend):
         tokens so far, this step's included)."""
         raise NotImplementedError()
 
-    def get_verify_buffers_to_fill_after_draft(self):
-        return [None, None]  # verify metadata is planned at the verify pass itself
-
     def update_verify_buffers_to_fill_after_draft(self, spec_info, cuda_graph_bs):
-        pass
+        """Nothing to redo: a verify pass reads its tree mask when its metadata is planned, at
+        the pass itself (no verify buffers are handed to the draft, see the base class)."""
 
     # ---- kernels supplied by a subclass -------------------------------------------
     def partial_decode(self, q_all, layer, forward_batch) -> Tuple[torch.Tensor, torch.Tensor]:
