@@ -45,6 +45,28 @@ class Attention(torch.nn.Module):
         self.o_proj.bias.data = full["o_bias"]
 
 
+class PerHeadNormAttention(Attention):
+    """Like Cohere's attention with ``use_qk_norm``: a q norm weight per head of this rank,
+    which widening to the group's heads would leave at ``Hq`` heads."""
+
+    def __init__(self, rank, full):
+        super().__init__(rank, full)
+        self.q_norm = torch.nn.LayerNorm([HEADS_PER_RANK, HEAD_DIM])
+
+
+def qualified_name(cls) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+@pytest.fixture
+def verified(monkeypatch):
+    """This file's ``Attention`` counts as a verified attention class."""
+    import sglang_dcp.model_executor.group_heads as group_heads
+
+    monkeypatch.setattr(group_heads, "VERIFIED_ATTENTION_CLASSES",
+                        group_heads.VERIFIED_ATTENTION_CLASSES | {qualified_name(Attention)})  # fmt: skip
+
+
 @pytest.fixture
 def full():
     gen = torch.Generator().manual_seed(0)
@@ -61,7 +83,7 @@ def sends(module):
             module.o_proj.weight.data]
 
 
-def test_each_rank_holds_the_group_heads(full):
+def test_each_rank_holds_the_group_heads(full, verified):
     from sglang_dcp.model_executor.group_heads import (
         attention_modules,
         has_group_heads,
@@ -156,7 +178,7 @@ def test_weight_methods_pass_through_without_group_heads(full):
     (lambda m: setattr(m.o_proj, "input_is_parallel", False), "o_proj does not take"),
     (lambda m: setattr(m, "o_proj", torch.nn.Linear(2, 2)), "not built from qkv_proj"),
 ])  # fmt: skip
-def test_uncovered_modules_are_named(full, change, phrase):
+def test_uncovered_modules_are_named(full, verified, change, phrase):
     from sglang_dcp.model_executor.group_heads import attention_modules
 
     module = Attention(0, full)
@@ -165,8 +187,29 @@ def test_uncovered_modules_are_named(full, change, phrase):
     assert reason.startswith("layer: ") and phrase in reason, reason
 
 
-def test_a_stray_radix_attention_is_not_covered(full):
+def test_a_stray_radix_attention_is_not_covered(full, verified):
     from sglang_dcp.model_executor.group_heads import attention_modules
 
     model = torch.nn.ModuleDict({"layer": Attention(0, full), "other": Attention(1, full).attn})
     assert "outside an attention module" in attention_modules(model)[1]
+
+
+def test_an_attention_class_not_verified_is_not_covered(full, verified):
+    """A module with state split by TP over the query heads outside qkv_proj / o_proj (here a
+    per-head q norm) has the same qkv_proj, o_proj and attn as a covered one: only its class
+    tells them apart."""
+    from sglang_dcp.model_executor.group_heads import attention_modules
+
+    _, reason = attention_modules(torch.nn.ModuleDict({"layer": PerHeadNormAttention(0, full)}))
+    assert reason == f"layer: {qualified_name(PerHeadNormAttention)} is not an attention class verified with lse (VERIFIED_ATTENTION_CLASSES)"
+
+
+def test_verified_attention_classes_exist():
+    """Each name is an attention class of SGLang 0.5.14 (a rename would fall back silently)."""
+    import importlib
+
+    from sglang_dcp.model_executor.group_heads import VERIFIED_ATTENTION_CLASSES
+
+    for name in VERIFIED_ATTENTION_CLASSES:
+        module, cls = name.rsplit(".", 1)
+        assert isinstance(getattr(importlib.import_module(module), cls), type), name

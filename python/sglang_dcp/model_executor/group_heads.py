@@ -14,7 +14,8 @@ After the weights load (``take_group_heads_after_load``), each attention module 
 The module's ``num_heads`` and ``q_size``, the projections' partition sizes and the layer's
 ``tp_q_head_num`` grow ``D`` times to match, so the model's split and reshapes work
 unchanged; ``layer.dcp_group_heads`` tells the attention backend. If any attention module
-is not covered (a quantized or CPU-packed linear method, other names or shapes, LoRA,
+is not covered (a class not in ``VERIFIED_ATTENTION_CLASSES``, whose per-head state may lie
+outside these three, a quantized or CPU-packed linear method, other names or shapes, LoRA,
 torchao), the whole model stays on a2a, with one log line saying why. Each rank then holds
 ``D - 1`` extra copies of its ``q`` rows and ``o_proj`` columns (logged in MiB).
 
@@ -41,6 +42,19 @@ from sglang_dcp.distributed.parallel_state import all_gather_along_dim, get_dcp_
 
 logger = logging.getLogger(__name__)
 
+# The attention classes of SGLang 0.5.14 verified with --dcp-comm lse: all their per-head
+# state is in qkv_proj, o_proj and attn (a q/k norm, if any, is per head_dim). Another class
+# may hold state split by TP over the query heads (a per-head norm weight, an output gate, an
+# attention sink) that widening would not widen, so it stays on a2a.
+VERIFIED_ATTENTION_CLASSES = frozenset({
+    "sglang.srt.models.llama.LlamaAttention",  # also Mistral and others built from it
+    "sglang.srt.models.qwen2.Qwen2Attention",
+    "sglang.srt.models.qwen3.Qwen3Attention",
+    "sglang.srt.models.qwen3_moe.Qwen3MoeAttention",
+    "sglang.srt.models.gemma.GemmaAttention",
+    "sglang.srt.models.glm4.Glm4Attention",
+})  # fmt: skip
+
 
 def has_group_heads(layer: RadixAttention) -> bool:
     """Whether ``layer`` computes the query heads of its whole DCP group (``--dcp-comm lse``)."""
@@ -49,6 +63,9 @@ def has_group_heads(layer: RadixAttention) -> bool:
 
 def uncovered_reason(module: torch.nn.Module) -> str:
     """Why ``module`` (whose ``attn`` is a RadixAttention) cannot take its group's heads, or ''."""
+    cls = f"{type(module).__module__}.{type(module).__qualname__}"
+    if cls not in VERIFIED_ATTENTION_CLASSES:
+        return f"{cls} is not an attention class verified with lse (VERIFIED_ATTENTION_CLASSES)"
     qkv, o_proj, attn = module.qkv_proj, module.o_proj, module.attn
     if not (isinstance(qkv, QKVParallelLinear) and isinstance(o_proj, RowParallelLinear)):
         return "attention not built from qkv_proj (QKVParallelLinear) and o_proj (RowParallelLinear)"
