@@ -8,7 +8,8 @@ and for ``alloc_extend`` also where the logical page is not a power of two (e.g.
 SGLang's extend kernel spans a page with ``tl.arange``, which needs one.
 
 Every rank of a DCP group runs its own replica of this allocator (each scheduler takes the
-same decisions); ``check_replicas_at_idle`` compares the replicas across the group.
+same decisions); ``check_replicas_at_idle`` compares the replicas across the group, on a
+gloo group of its own whose short timeout turns ranks out of step into an error.
 """
 
 import logging
@@ -24,6 +25,8 @@ from sglang.srt.mem_cache.allocator.paged import (
 )
 from sglang.srt.utils import get_num_new_pages, next_power_of_2
 from sglang.srt.utils.common import raise_error_or_warn
+
+from sglang_dcp.distributed.parallel_state import get_replica_check_group
 
 logger = logging.getLogger(__name__)
 
@@ -100,11 +103,18 @@ def free_pages_digest(allocator: PagedTokenToKVPoolAllocator) -> torch.Tensor:
 
 
 def replica_disagreement(allocator: PagedTokenToKVPoolAllocator, group: GroupCoordinator) -> Optional[str]:
-    """All-gather ``free_pages_digest`` over the DCP group's CPU group; ``None`` if every
-    rank holds the same, else a message with each rank's digest."""
+    """All-gather ``free_pages_digest`` over the DCP group's replica-check group; ``None`` if
+    every rank holds the same, else a message with each rank's digest. Raises if a rank does
+    not arrive within the group's timeout (``parallel_state.REPLICA_CHECK_TIMEOUT_S``)."""
     digest = free_pages_digest(allocator)
     gathered = [torch.empty_like(digest) for _ in range(group.world_size)]
-    torch.distributed.all_gather(gathered, digest, group=group.cpu_group)
+    try:
+        torch.distributed.all_gather(gathered, digest, group=get_replica_check_group())
+    except RuntimeError as e:  # gloo's timeout (DistBackendError) or a peer gone
+        raise RuntimeError(
+            f"DCP allocator-replica check: not every rank of DCP group {group.ranks} reached "
+            f"it; their schedulers are out of step: {e}"
+        ) from e
     if all(torch.equal(g, gathered[0]) for g in gathered):
         return None
     per_rank = ", ".join(
