@@ -50,12 +50,15 @@ def cpu_engine_kwargs(tp_size: int) -> dict:
 
 
 def run_dcp(model, scenario, capfd, dcp_comm, group_heads, **kwargs):
-    """``run_engine`` with ``dcp_comm`` at log level info; with lse, its start-up line must
-    say that every layer took its group's ``group_heads`` query heads (no fallback to a2a)."""
+    """``run_engine`` with ``dcp_comm`` at log level info; with lse, its start-up lines must
+    say that every layer took its group's ``group_heads`` query heads (no fallback to a2a) and
+    that the KV pool left room for lse's extend pass."""
     capfd.readouterr()
     run = run_engine(model, scenario, dcp_comm=dcp_comm, **{**kwargs, "log_level": "info"})
     if dcp_comm == "lse":
-        assert f"compute the {group_heads} query heads of their DCP group" in capfd.readouterr().err
+        err = capfd.readouterr().err
+        assert f"compute the {group_heads} query heads of their DCP group" in err
+        assert "query heads, --dcp-comm lse)" in err  # reserve_extend_memory's line
     return run
 
 
