@@ -1,9 +1,11 @@
 """The DCP group, its collectives and the allocator-replica check on gloo, with 2 and 4
-processes (CPU)."""
+processes (CPU); a rank that never reaches the replica check makes it fail within its
+timeout."""
 
 import math
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -88,6 +90,66 @@ def worker(rank, world, dcp, port, errors):
     except BaseException as e:  # noqa: BLE001 - reported to the parent
         errors.put(f"rank {rank}: {type(e).__name__}: {e}")
         raise
+
+
+def late_rank_worker(rank, port, check_timeout_s, done, errors):
+    """Rank 0 runs the allocator-replica check; rank 1 never does (it waits for rank 0)."""
+    os.environ["SGLANG_NCCL_SO_PATH"] = "/nonexistent/libnccl.so.2"
+    try:
+        from sglang.srt.distributed.parallel_state import (
+            init_distributed_environment,
+            initialize_model_parallel,
+        )
+
+        from sglang_dcp.distributed.parallel_state import get_dcp_group, initialize_dcp_group
+        from sglang_dcp.mem_cache.allocator import DCPTokenToKVPoolAllocator, replica_disagreement
+
+        init_distributed_environment(
+            world_size=2, rank=rank, local_rank=rank, backend="gloo",
+            distributed_init_method=f"tcp://127.0.0.1:{port}",
+        )  # fmt: skip
+        initialize_model_parallel(tensor_model_parallel_size=2, backend="gloo")
+        initialize_dcp_group(2, replica_check_timeout_s=check_timeout_s)
+        if rank == 1:
+            done.wait(timeout=600)
+            return
+        allocator = DCPTokenToKVPoolAllocator(32, page_size=2, dtype=torch.float32, device="cpu",
+                                              kvcache=None, need_sort=False)  # fmt: skip
+        start = time.monotonic()
+        try:
+            replica_disagreement(allocator, get_dcp_group())
+            errors.put("rank 0: the check returned")
+        except RuntimeError as e:
+            errors.put(f"rank 0 after {time.monotonic() - start:.1f} s: {e}")
+        done.set()
+    except BaseException as e:  # noqa: BLE001 - reported to the parent
+        errors.put(f"rank {rank}: {type(e).__name__}: {e}")
+        raise
+
+
+def test_replica_check_fails_fast_when_a_rank_never_arrives():
+    """Ranks out of step (one never reaches the idle check): the check raises within its
+    timeout, naming itself, instead of waiting gloo's default 120 minutes."""
+    ctx = mp.get_context("spawn")
+    errors, done = ctx.SimpleQueue(), ctx.Event()
+    port, check_timeout_s = free_port(), 3
+    procs = [ctx.Process(target=late_rank_worker, args=(r, port, check_timeout_s, done, errors))
+             for r in range(2)]  # fmt: skip
+    for p in procs:
+        p.start()
+    procs[0].join(timeout=90)  # start-up (two spawned interpreters importing SGLang) + the check
+    done.set()
+    for p in procs:
+        p.join(timeout=30)
+        if p.is_alive():
+            p.kill()
+    messages = []
+    while not errors.empty():
+        messages.append(errors.get())
+    print(messages)
+    assert len(messages) == 1 and "DCP allocator-replica check: not every rank of DCP group [0, 1]" in messages[0], messages
+    elapsed = float(messages[0].split(" after ")[1].split(" s:")[0])
+    assert check_timeout_s <= elapsed < check_timeout_s + 10, messages
 
 
 @pytest.mark.parametrize("world,dcp", [(2, 2), (4, 2), (4, 4)])
