@@ -31,11 +31,27 @@ from sglang_dcp.layers.attention.registry import (
 )
 from sglang_dcp.mem_cache.allocator import check_replicas_at_idle
 from sglang_dcp.mem_cache.kv_move import move_kv_in_group
-from sglang_dcp.model_executor.group_heads import take_group_heads_after_load
+from sglang_dcp.model_executor.group_heads import (
+    at_tp_shapes,
+    take_group_heads_after_load,
+    update_weights_from_disk_at_tp_shapes,
+)
 from sglang_dcp.model_executor.kv_cache import init_pools_with_dcp, reserve_extend_memory
 from sglang_dcp.server_args import DCPServerArgs
 
 _MODEL_RUNNER = "sglang.srt.model_executor.model_runner.ModelRunner"
+# ModelRunner methods that read or write weights by checkpoint name at TP's shapes (besides
+# update_weights_from_disk): under --dcp-comm lse they run with the layers at TP's shapes.
+_WEIGHTS_BY_NAME = (
+    "update_weights_from_tensor",
+    "update_weights_from_distributed",
+    "update_weights_from_ipc",
+    "get_weights_by_name",
+    "check_weights",
+    "save_sharded_model",
+    "save_remote_model",
+    "send_weights_to_remote_instance",
+)
 
 
 def create_dcp_group(_result, runner):
@@ -108,6 +124,11 @@ HOOKS = (
          "create the DCP process groups"),
     Hook(f"{_MODEL_RUNNER}.load_model", take_group_heads_after_load, HookType.AFTER,
          "--dcp-comm lse: the group's q_proj rows and o_proj columns"),
+    Hook(f"{_MODEL_RUNNER}.update_weights_from_disk", update_weights_from_disk_at_tp_shapes,
+         HookType.AROUND, "--dcp-comm lse: SGLang's loaders see TP's shapes; re-gather after"),
+    *(Hook(f"{_MODEL_RUNNER}.{name}", at_tp_shapes, HookType.AROUND,
+           "--dcp-comm lse: SGLang's loaders see TP's shapes; re-gather after")
+      for name in _WEIGHTS_BY_NAME),
     Hook("sglang.srt.distributed.parallel_state.destroy_model_parallel",
          destroy_dcp_group_after, HookType.AFTER, "tear the DCP group down"),
     Hook("sglang.srt.distributed.parallel_state.graph_capture", graph_capture_with_dcp,

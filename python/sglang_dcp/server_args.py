@@ -155,6 +155,13 @@ class DCPServerArgs(sglang_server_args.ServerArgs):
                 raise DCPConfigError(
                     f"{flag} is not supported with --dcp-size {d}; remove it or use --dcp-size 1."
                 )
+        if self.dcp_comm == "lse" and self.enable_memory_saver:
+            # lse gathers the group's q_proj rows / o_proj columns after load, outside the
+            # memory saver's weights region: released memory would keep them, without backup.
+            raise DCPConfigError(
+                "--enable-memory-saver is not supported with --dcp-comm lse; use --dcp-comm "
+                "a2a or remove --enable-memory-saver."
+            )
 
     def _set_dcp_defaults(self):
         device = (self.device or get_device()).split(":")[0]

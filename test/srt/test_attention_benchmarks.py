@@ -1,6 +1,7 @@
 """The attention micro-benchmarks' flows on CPU (``--smoke``): the whole DCP layer on two
 gloo ranks (whose run checks DCP against full attention), then its stages on one rank,
-combined with it into the communication left over."""
+combined with it into the communication left over; the extend-memory benchmark's a2a and
+lse passes."""
 
 import json
 import os
@@ -54,3 +55,9 @@ def test_stages_refuse_a_result_of_another_dcp_size(whole_layer, tmp_path):
     run = run_benchmark("bench_attention_stages.py", "--dcp", "4", "--full", str(path),
                         "--out", str(tmp_path), expect_ok=False)
     assert "pass a result of the same card model and D" in run.stderr.splitlines()[-1]
+
+
+def test_extend_memory_runs_both_dcp_paths():
+    run = run_benchmark("extend_memory.py")
+    assert "smoke: a2a extend ran, output (16, 256)" in run.stdout
+    assert "smoke: lse extend ran, output (16, 512)" in run.stdout

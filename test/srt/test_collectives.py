@@ -1,10 +1,13 @@
 """The DCP group, its collectives and the allocator-replica check on gloo, with 2 and 4
-processes (CPU)."""
+processes (CPU); a rank that never reaches the replica check makes it fail within its
+timeout."""
 
 import math
+import time
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 from sglang_dcp.test.gloo_group import run_in_dcp_groups
 
@@ -59,6 +62,35 @@ def worker(rank, group, world, dcp):
             alloc.free_pages = diverge(alloc.free_pages)
         message = replica_disagreement(alloc, group)
         assert message is not None and "replicas disagree" in message, message
+
+
+def late_rank_worker(rank, group, check_timeout_s, done):
+    """Rank 0 runs the allocator-replica check; rank 1 never does (it waits for rank 0)."""
+    from sglang_dcp.mem_cache.allocator import DCPTokenToKVPoolAllocator, replica_disagreement
+
+    if rank == 1:
+        done.wait(timeout=600)
+        return
+    allocator = DCPTokenToKVPoolAllocator(32, page_size=2, dtype=torch.float32, device="cpu",
+                                          kvcache=None, need_sort=False)  # fmt: skip
+    start = time.monotonic()
+    try:
+        with pytest.raises(RuntimeError, match=r"DCP allocator-replica check: not every rank of DCP group \[0, 1\]"):
+            replica_disagreement(allocator, group)
+    finally:
+        done.set()
+    elapsed = time.monotonic() - start
+    print(f"the replica check failed after {elapsed:.1f} s (timeout {check_timeout_s} s)")
+    assert check_timeout_s <= elapsed < check_timeout_s + 10, elapsed
+
+
+def test_replica_check_fails_fast_when_a_rank_never_arrives():
+    """Ranks out of step (one never reaches the idle check): the check raises within its
+    timeout, naming itself, instead of waiting gloo's default 120 minutes."""
+    check_timeout_s = 3
+    done = mp.get_context("spawn").Event()
+    run_in_dcp_groups(late_rank_worker, 2, 2, check_timeout_s, done, timeout=90,
+                      group_kwargs={"replica_check_timeout_s": check_timeout_s})  # fmt: skip
 
 
 @pytest.mark.parametrize("world,dcp", [(2, 2), (4, 2), (4, 4)])

@@ -1,8 +1,8 @@
 """End to end on CPU: real SGLang engines (torch_native + gloo), dcp=1 against dcp>1.
 
 ``--dcp-size 1`` must leave SGLang bit-identical: same tokens and logprobs as SGLang
-without the plugin. The DCP cases cover Qwen3 (tp2 with 1 KV head, tp4 with 2), Llama, Qwen2
-and Qwen3-MoE (tp2), each with ``--dcp-comm`` a2a and lse, and D = 4 (Qwen3 at tp4 with 1 KV
+without the plugin. The DCP cases cover Qwen3 (tp2 with 1 KV head, tp4 with 2), Llama, Qwen2,
+Qwen3-MoE, Gemma and GLM-4 (tp2), each with ``--dcp-comm`` a2a and lse, and D = 4 (Qwen3 at tp4 with 1 KV
 head). Each DCP case runs one scenario (mixed prompt lengths in one batch, a prompt longer than
 the chunked-prefill size, radix-cache prefix hits, seeded sampling) through an engine without
 DCP and one with DCP on the same float32 random weights, and requires identical tokens, top-5
@@ -50,12 +50,15 @@ def cpu_engine_kwargs(tp_size: int) -> dict:
 
 
 def run_dcp(model, scenario, capfd, dcp_comm, group_heads, **kwargs):
-    """``run_engine`` with ``dcp_comm`` at log level info; with lse, its start-up line must
-    say that every layer took its group's ``group_heads`` query heads (no fallback to a2a)."""
+    """``run_engine`` with ``dcp_comm`` at log level info; with lse, its start-up lines must
+    say that every layer took its group's ``group_heads`` query heads (no fallback to a2a) and
+    that the KV pool left room for lse's extend pass."""
     capfd.readouterr()
     run = run_engine(model, scenario, dcp_comm=dcp_comm, **{**kwargs, "log_level": "info"})
     if dcp_comm == "lse":
-        assert f"compute the {group_heads} query heads of their DCP group" in capfd.readouterr().err
+        err = capfd.readouterr().err
+        assert f"compute the {group_heads} query heads of their DCP group" in err
+        assert "query heads, --dcp-comm lse)" in err  # reserve_extend_memory's line
     return run
 
 
@@ -69,9 +72,11 @@ def run_dcp(model, scenario, capfd, dcp_comm, group_heads, **kwargs):
         (2, 2, 4, 1, "LlamaForCausalLM"),
         (2, 2, 4, 1, "Qwen2ForCausalLM"),
         (2, 2, 4, 1, "Qwen3MoeForCausalLM"),
+        (2, 2, 4, 1, "GemmaForCausalLM"),
+        (2, 2, 4, 1, "Glm4ForCausalLM"),
     ],
     ids=["tp2-dcp2-kv1", "tp4-dcp2-kv2", "tp4-dcp4-kv1", "tp2-dcp2-llama", "tp2-dcp2-qwen2",
-         "tp2-dcp2-qwen3moe"],
+         "tp2-dcp2-qwen3moe", "tp2-dcp2-gemma", "tp2-dcp2-glm4"],
 )
 def test_dcp_matches_tp(
     tmp_path_factory, reference_runs, capfd, tp_size, dcp_size, num_heads, num_kv_heads,

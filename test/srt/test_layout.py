@@ -1,9 +1,11 @@
 """Layout math and the logical-slot allocator (fast, no SGLang engine)."""
 
+import random
+
 import pytest
 import torch
 
-from sglang_dcp.mem_cache.allocator import DCPTokenToKVPoolAllocator
+from sglang_dcp.mem_cache.allocator import DCPTokenToKVPoolAllocator, extend_slots
 from sglang_dcp.mem_cache.layout import (
     DUMP_ROW,
     local_seq_lens,
@@ -115,3 +117,43 @@ def test_prefix_reuse_continues_the_interleave(dcp):
     full = torch.cat([prefix, tail])
     assert torch.equal(full % dcp, torch.arange(len(full)) % dcp)
     assert len(torch.unique(full)) == len(full)
+
+
+def random_extend_batch(rng, page, num_reqs):
+    """Prefix and sequence lengths (prefixes page-aligned or not, extends within or past their
+    last page) with each request's last slot in a page of its own, and enough free pages."""
+    prefix_lens = [rng.choice([0, rng.randrange(1, 4 * page)]) for _ in range(num_reqs)]
+    seq_lens = [p + rng.choice([1, page - p % page, rng.randrange(1, 5 * page)]) for p in prefix_lens]
+    last_loc = [(1000 + i) * page + (p - 1) % page if p else -1 for i, p in enumerate(prefix_lens)]
+    free_pages = torch.randperm(900)[: 5 * num_reqs + 8] + 1
+    return (torch.tensor(prefix_lens), torch.tensor(seq_lens), torch.tensor(last_loc), free_pages)
+
+
+@pytest.mark.parametrize("page", [1, 2, 3, 6, 16, 48])
+def test_extend_slots_match_sglang(page):
+    """``extend_slots`` hands out exactly the slots of SGLang's ``alloc_extend_naive``."""
+    from sglang.srt.mem_cache.allocator.paged import alloc_extend_naive
+
+    rng = random.Random(page)
+    for num_reqs in (1, 2, 7, 40):
+        prefix_lens, seq_lens, last_loc, free_pages = random_extend_batch(rng, page, num_reqs)
+        expected = torch.empty(int((seq_lens - prefix_lens).sum()), dtype=torch.int64)
+        alloc_extend_naive(prefix_lens, seq_lens, last_loc, free_pages, expected, page, "cpu")
+        got = extend_slots(prefix_lens, seq_lens, last_loc, free_pages, page)
+        assert torch.equal(got, expected), (page, num_reqs)
+
+
+def test_extend_reads_no_device_value():
+    """The allocator's extend path with every device tensor on the meta device (which has no
+    values): it must run, so it reads no device value back to the host (on CUDA: no sync)."""
+    page, dcp = 2, 3
+    alloc = DCPTokenToKVPoolAllocator(
+        64 * dcp * page, page_size=page * dcp, dtype=torch.bfloat16, device="meta",
+        kvcache=None, need_sort=False,
+    )  # fmt: skip
+    alloc.use_triton_kernels(False)
+    prefix_lens, seq_lens, last_loc, _ = random_extend_batch(random.Random(0), page * dcp, 16)
+    meta = lambda t: t.to("meta")  # noqa: E731
+    out = alloc.alloc_extend(meta(prefix_lens), prefix_lens, meta(seq_lens), seq_lens, meta(last_loc),
+                             int((seq_lens - prefix_lens).sum()))  # fmt: skip
+    assert out.device.type == "meta" and out.shape == (int((seq_lens - prefix_lens).sum()),)

@@ -211,6 +211,8 @@ REJECTED_FLAGS_ON_CUDA = [
     _flag("--cuda-graph-backend-decode breakable", "decode CUDA graphs whole (full) or not at all, not breakable"),
     _flag("--cuda-graph-backend-decode tc_piecewise", "(full) or not at all, not tc_piecewise"),
     _flag("""--cuda-graph-config '{"decode": {"backend": "breakable"}}'""", "not breakable"),
+    # torch_memory_saver (CUDA only) would not hold lse's gathered weights
+    _flag("--dcp-comm lse --enable-memory-saver", "--enable-memory-saver is not supported with --dcp-comm lse; use --dcp-comm a2a"),
 ]  # fmt: skip
 
 # Refused models (DCP splits plain MHA/GQA full attention only): (model, flags, phrase).

@@ -13,6 +13,7 @@ import concurrent.futures
 import json
 import os
 import random
+import re
 import signal
 import sys
 import threading
@@ -280,4 +281,6 @@ def test_killed_scheduler_ends_server(servers):
     print(f"server exited {exit_s:.1f} s after the kill with code {dcp.process.returncode}; "
           f"{len(children)} children, left: {left}")
     assert not left
-    assert "SIGQUIT received" in log and "Connection reset by peer" in log, log[-3000:]
+    # gloo reports the dead peer as "reset" or "closed", depending on which call noticed it.
+    peer_lost = re.search(r"Connection (reset|closed) by peer", log)
+    assert "SIGQUIT received" in log and peer_lost, log[-3000:]

@@ -8,6 +8,7 @@ lets them split one KV head's tokens between them. A rank's place in its group i
 """
 
 import logging
+from datetime import timedelta
 from typing import List, Optional
 
 import torch
@@ -24,6 +25,11 @@ logger = logging.getLogger(__name__)
 
 # Strong reference: SGLang's custom-op registry keeps groups only through weak refs.
 _DCP: Optional[GroupCoordinator] = None
+# The allocator-replica check (``mem_cache.allocator``) runs on its own gloo group: every rank
+# of a DCP group reaches it in the same idle loop, so a rank that does not arrive within this
+# many seconds is out of step, and the check fails instead of waiting gloo's default 120 min.
+REPLICA_CHECK_TIMEOUT_S = 60
+_REPLICA_CHECK: Optional[torch.distributed.ProcessGroup] = None
 
 
 def dcp_group_ranks(world_size: int, tp_size: int, dcp_size: int) -> List[List[int]]:
@@ -36,20 +42,23 @@ def dcp_group_ranks(world_size: int, tp_size: int, dcp_size: int) -> List[List[i
     return [list(range(start, start + dcp_size)) for start in range(0, world_size, dcp_size)]
 
 
-def initialize_dcp_group(dcp_size: int) -> None:
-    """Create this rank's DCP group; every rank of the world must call it."""
-    global _DCP
+def initialize_dcp_group(dcp_size: int, replica_check_timeout_s: float = REPLICA_CHECK_TIMEOUT_S) -> None:
+    """Create this rank's DCP group and the gloo group of its allocator-replica check (with
+    ``replica_check_timeout_s``); every rank of the world must call it."""
+    global _DCP, _REPLICA_CHECK
     assert _DCP is None, "the DCP group is already initialized"
     tp_size = get_tp_group().world_size
     world = get_world_group()
     backend = torch.distributed.get_backend(world.device_group)
+    groups = dcp_group_ranks(world.world_size, tp_size, dcp_size)
     _DCP = init_model_parallel_group(
-        dcp_group_ranks(world.world_size, tp_size, dcp_size),
-        world.local_rank,
-        backend,
-        use_custom_allreduce=False,
-        group_name="dcp",
+        groups, world.local_rank, backend, use_custom_allreduce=False, group_name="dcp"
     )
+    timeout = timedelta(seconds=replica_check_timeout_s)
+    for ranks in groups:  # new_group is collective over the world: every rank creates every group
+        check_group = torch.distributed.new_group(ranks, backend="gloo", timeout=timeout)
+        if world.rank in ranks:
+            _REPLICA_CHECK = check_group
     logger.info(
         "DCP group initialized: size=%d, rank in group=%d, ranks=%s",
         _DCP.world_size,
@@ -59,15 +68,23 @@ def initialize_dcp_group(dcp_size: int) -> None:
 
 
 def destroy_dcp_group() -> None:
-    global _DCP
+    global _DCP, _REPLICA_CHECK
     if _DCP is not None:
         _DCP.destroy()
-    _DCP = None
+    if _REPLICA_CHECK is not None:
+        torch.distributed.destroy_process_group(_REPLICA_CHECK)
+    _DCP = _REPLICA_CHECK = None
 
 
 def get_dcp_group() -> GroupCoordinator:
     assert _DCP is not None, "the DCP group is not initialized"
     return _DCP
+
+
+def get_replica_check_group() -> torch.distributed.ProcessGroup:
+    """This rank's gloo group for the allocator-replica check (``REPLICA_CHECK_TIMEOUT_S``)."""
+    assert _REPLICA_CHECK is not None, "the DCP group is not initialized"
+    return _REPLICA_CHECK
 
 
 def dcp_graph_capture(context):

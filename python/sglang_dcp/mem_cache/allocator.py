@@ -8,7 +8,8 @@ and for ``alloc_extend`` also where the logical page is not a power of two (e.g.
 SGLang's extend kernel spans a page with ``tl.arange``, which needs one.
 
 Every rank of a DCP group runs its own replica of this allocator (each scheduler takes the
-same decisions); ``check_replicas_at_idle`` compares the replicas across the group.
+same decisions); ``check_replicas_at_idle`` compares the replicas across the group, on a
+gloo group of its own whose short timeout turns ranks out of step into an error.
 """
 
 import logging
@@ -18,14 +19,51 @@ import torch
 
 from sglang.srt.distributed.parallel_state import GroupCoordinator
 from sglang.srt.environ import envs
-from sglang.srt.mem_cache.allocator.paged import (
-    PagedTokenToKVPoolAllocator,
-    alloc_extend_naive,
-)
+from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
 from sglang.srt.utils import get_num_new_pages, next_power_of_2
 from sglang.srt.utils.common import raise_error_or_warn
 
+from sglang_dcp.distributed.parallel_state import get_replica_check_group
+
 logger = logging.getLogger(__name__)
+
+
+def extend_slots(
+    prefix_lens_cpu: torch.Tensor,
+    seq_lens_cpu: torch.Tensor,
+    last_loc: torch.Tensor,
+    new_pages: torch.Tensor,
+    page_size: int,
+) -> torch.Tensor:
+    """The slots of every request's new tokens, positions ``prefix_len <= p < seq_len``, in
+    request order: ``last_loc + 1 + (p - prefix_len)`` while ``p`` is in the request's last
+    partly filled page, then ``new_pages[k] * page_size + p % page_size`` for its ``k``-th new
+    page (requests take ``new_pages`` in order, ``ceil(seq_len / page_size) -
+    ceil(prefix_len / page_size)`` each).
+
+    The index arithmetic runs on the CPU lengths; the device sees one copy of ``[2, T]``
+    indices and one gather from ``[last_loc + 1, new_pages * page_size]``: no device value is
+    read back (SGLang's ``alloc_extend_naive`` branches on device scalars per request)."""
+    extend_lens = seq_lens_cpu - prefix_lens_cpu
+    num_tokens = int(extend_lens.sum())
+    req = torch.repeat_interleave(torch.arange(len(extend_lens)), extend_lens, output_size=num_tokens)
+    first_token = torch.cumsum(extend_lens, 0) - extend_lens
+    prefix = prefix_lens_cpu[req]
+    pos = prefix + torch.arange(num_tokens) - first_token[req]
+    first_new_page = (prefix_lens_cpu + page_size - 1) // page_size
+    pages = (seq_lens_cpu + page_size - 1) // page_size - first_new_page
+    first_page = torch.cumsum(pages, 0) - pages
+    in_last_page = pos < first_new_page[req] * page_size
+    base_index = torch.where(
+        in_last_page, req, len(extend_lens) + first_page[req] + pos // page_size - first_new_page[req]
+    )
+    offset = torch.where(in_last_page, pos - prefix, pos % page_size)
+    indices = torch.stack([base_index, offset])
+    if last_loc.device.type == "cuda":
+        indices = indices.pin_memory()
+    base_index, offset = indices.to(last_loc.device, non_blocking=True)
+    base = torch.cat([last_loc.to(torch.int64) + 1, new_pages * page_size])
+    return base[base_index] + offset
 
 
 class DCPTokenToKVPoolAllocator(PagedTokenToKVPoolAllocator):
@@ -62,10 +100,8 @@ class DCPTokenToKVPoolAllocator(PagedTokenToKVPoolAllocator):
             self.merge_and_sort_free()
         if num_new_pages > len(self.free_pages):
             return None
-        out_indices = torch.empty((extend_num_tokens,), dtype=torch.int64, device=self.device)
-        alloc_extend_naive(
-            prefix_lens, seq_lens, last_loc, self.free_pages, out_indices,
-            self.page_size, self.device,
+        out_indices = extend_slots(
+            prefix_lens_cpu, seq_lens_cpu, last_loc, self.free_pages[:num_new_pages], self.page_size
         )
         self.free_pages = self.free_pages[num_new_pages:]
         return out_indices
@@ -100,11 +136,18 @@ def free_pages_digest(allocator: PagedTokenToKVPoolAllocator) -> torch.Tensor:
 
 
 def replica_disagreement(allocator: PagedTokenToKVPoolAllocator, group: GroupCoordinator) -> Optional[str]:
-    """All-gather ``free_pages_digest`` over the DCP group's CPU group; ``None`` if every
-    rank holds the same, else a message with each rank's digest."""
+    """All-gather ``free_pages_digest`` over the DCP group's replica-check group; ``None`` if
+    every rank holds the same, else a message with each rank's digest. Raises if a rank does
+    not arrive within the group's timeout (``parallel_state.REPLICA_CHECK_TIMEOUT_S``)."""
     digest = free_pages_digest(allocator)
     gathered = [torch.empty_like(digest) for _ in range(group.world_size)]
-    torch.distributed.all_gather(gathered, digest, group=group.cpu_group)
+    try:
+        torch.distributed.all_gather(gathered, digest, group=get_replica_check_group())
+    except RuntimeError as e:  # gloo's timeout (DistBackendError) or a peer gone
+        raise RuntimeError(
+            f"DCP allocator-replica check: not every rank of DCP group {group.ranks} reached "
+            f"it; their schedulers are out of step: {e}"
+        ) from e
     if all(torch.equal(g, gathered[0]) for g in gathered):
         return None
     per_rank = ", ".join(

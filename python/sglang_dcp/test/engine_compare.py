@@ -264,6 +264,33 @@ async def generate_and_abort(engine, batch: Batch) -> List[Dict]:
     return await asyncio.gather(*(one(i, ids) for i, ids in enumerate(batch.input_ids)))
 
 
+def run_scenario(engine, scenario: List[Batch], counts: SchedulerCounts) -> List[RequestResult]:
+    """Send ``scenario`` to a running ``engine``; the results of its requests, in order
+    (``counts.decoded_while_prefilling`` set where a batch overlaps the one before)."""
+    results = []
+    waves = []  # batches sent together: one, and those marked while_previous_decodes
+    for batch in scenario:
+        if batch.while_previous_decodes and waves:
+            waves[-1].append(batch)
+        else:
+            waves.append([batch])
+    for wave in waves:
+        if len(wave) == 1 and wave[0].abort_after_tokens is not None:
+            outputs = engine.loop.run_until_complete(generate_and_abort(engine, wave[0]))
+        elif len(wave) == 1:
+            outputs = engine.generate(
+                input_ids=wave[0].input_ids, sampling_params=wave[0].sampling_params,
+                **logprob_args(wave[0]),
+            )
+        else:
+            outputs, counts.decoded_while_prefilling = engine.loop.run_until_complete(
+                generate_overlapping(engine, wave)
+            )
+        requests = [batch for batch in wave for _ in batch.input_ids]
+        results += [request_result(out, batch) for out, batch in zip(outputs, requests, strict=True)]
+    return results
+
+
 def run_engine(model_path: str, scenario: List[Batch], **engine_kwargs) -> EngineRun:
     import sglang
 
@@ -272,27 +299,7 @@ def run_engine(model_path: str, scenario: List[Batch], **engine_kwargs) -> Engin
         engine = sglang.Engine(model_path=model_path, **engine_kwargs)
         try:
             capacity = engine.get_server_info()["max_total_num_tokens"]
-            results = []
-            waves = []  # batches sent together: one, and those marked while_previous_decodes
-            for batch in scenario:
-                if batch.while_previous_decodes and waves:
-                    waves[-1].append(batch)
-                else:
-                    waves.append([batch])
-            for wave in waves:
-                if len(wave) == 1 and wave[0].abort_after_tokens is not None:
-                    outputs = engine.loop.run_until_complete(generate_and_abort(engine, wave[0]))
-                elif len(wave) == 1:
-                    outputs = engine.generate(
-                        input_ids=wave[0].input_ids, sampling_params=wave[0].sampling_params,
-                        **logprob_args(wave[0]),
-                    )
-                else:
-                    outputs, counts.decoded_while_prefilling = engine.loop.run_until_complete(
-                        generate_overlapping(engine, wave)
-                    )
-                requests = [batch for batch in wave for _ in batch.input_ids]
-                results += [request_result(out, batch) for out, batch in zip(outputs, requests, strict=True)]
+            results = run_scenario(engine, scenario, counts)
             if metrics_dir is not None:
                 read_prometheus_counters(metrics_dir, counts)
         finally:

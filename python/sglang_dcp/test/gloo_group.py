@@ -3,7 +3,7 @@ of the collectives and of the DCP backends without an engine."""
 
 import os
 import socket
-from typing import Callable
+from typing import Callable, Optional
 
 import torch.multiprocessing as mp
 
@@ -14,7 +14,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(target, rank, world, dcp, port, errors, args):
+def _rank_main(target, rank, world, dcp, port, errors, args, group_kwargs):
     os.environ["SGLANG_NCCL_SO_PATH"] = "/nonexistent/libnccl.so.2"  # gloo only
     try:
         from sglang.srt.distributed.parallel_state import (
@@ -29,22 +29,24 @@ def _rank_main(target, rank, world, dcp, port, errors, args):
             distributed_init_method=f"tcp://127.0.0.1:{port}",
         )
         initialize_model_parallel(tensor_model_parallel_size=world, backend="gloo")
-        initialize_dcp_group(dcp)
+        initialize_dcp_group(dcp, **group_kwargs)
         target(rank, get_dcp_group(), *args)
     except BaseException as e:  # noqa: BLE001 - reported to the parent
         errors.put(f"rank {rank}: {type(e).__name__}: {e}")
         raise
 
 
-def run_in_dcp_groups(target: Callable, world: int, dcp: int, *args, timeout: float = 240) -> None:
+def run_in_dcp_groups(target: Callable, world: int, dcp: int, *args, timeout: float = 240,
+                      group_kwargs: Optional[dict] = None) -> None:
     """``target(rank, dcp_group, *args)`` in ``world`` spawned processes (one TP group of
-    ``world`` ranks cut into DCP groups of ``dcp``); raises with every rank's error.
-    ``target`` must be importable (a module-level function)."""
+    ``world`` ranks cut into DCP groups of ``dcp``, made by ``initialize_dcp_group(dcp,
+    **group_kwargs)``); raises with every rank's error. ``target`` must be importable (a
+    module-level function)."""
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
     port = free_port()
     procs = [
-        ctx.Process(target=_rank_main, args=(target, rank, world, dcp, port, errors, args))
+        ctx.Process(target=_rank_main, args=(target, rank, world, dcp, port, errors, args, group_kwargs or {}))
         for rank in range(world)
     ]
     for p in procs:

@@ -47,6 +47,8 @@ _MODEL_TYPES = {
     "Qwen2ForCausalLM": "qwen2",
     "LlamaForCausalLM": "llama",
     "Qwen3MoeForCausalLM": "qwen3_moe",
+    "GemmaForCausalLM": "gemma",
+    "Glm4ForCausalLM": "glm4",
 }
 # A small mixture of experts for "Qwen3MoeForCausalLM" (transformers' default has 128 experts)
 _MOE_DEFAULTS = dict(num_experts=8, decoder_sparse_step=1, mlp_only_layers=[])
