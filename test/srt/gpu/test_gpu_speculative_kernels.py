@@ -6,7 +6,6 @@ them) and ``sgl_kernel``'s CUDA tree kernels (GPU only), on random inputs.
 GPU: ``python -m pytest -q test/srt/gpu/test_gpu_speculative_kernels.py`` on one GPU.
 """
 
-import os
 import random
 
 import pytest
@@ -19,11 +18,8 @@ from sglang.srt.utils import next_power_of_2
 from sglang_dcp.test.speculative_cpu import kernels, tree
 from sglang_dcp.test.speculative_cpu.drafts import draft_round
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-INTERPRETED = not CUDA and os.environ.get("TRITON_INTERPRET") == "1"
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (sgl_kernel)")
-needs_triton = pytest.mark.skipif(not (CUDA or INTERPRETED), reason="needs a CUDA GPU or TRITON_INTERPRET=1")
+from test_gpu_kernels import CUDA, DEVICE, needs_cuda, needs_triton  # noqa: E402 - beside this file
+
 pytestmark = pytest.mark.gpu
 
 
