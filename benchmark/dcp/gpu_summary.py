@@ -107,10 +107,10 @@ def main():
     print(f"{'stage':14} {'rc':>3} {'s':>5} {'shared':>6}  tests")
     for name, stage in summary["stages"].items():
         print(f"{name:14} {stage['returncode']:>3} {stage['seconds']:>5} {str(shared[name]):>6}  {stage.get('tests', '')}")
-    print(f"\n{'case':20} {'comm':5} {'graphs':6} {'shared':6} {'requests':>8} {'identical':>9} "
+    print(f"\n{'case':22} {'run':26} {'graphs':6} {'shared':6} {'requests':>8} {'identical':>9} "
           f"{'max |dlogp|':>11} {'max gap':>8} {'capacity':>8}  pass")
     for row in rows:
-        print(f"{row['case']:20} {row['comm']:5} {str(row['graphs']):6} {str(row['shared_gpu']):6} "
+        print(f"{row['case']:22} {row['label']:26} {str(row['graphs']):6} {str(row['shared_gpu']):6} "
               f"{row['requests']:>8} {str(row['identical']):>9} {str(row.get('max_logprob_diff', '')):>11} "
               f"{str(row['max_gap']):>8} {str(row['capacity_ratio']):>8}  {row['pass']}")
     for case, result in summary["e2e"].items():

@@ -182,6 +182,7 @@ def judge(record, dcp_size, logprob_tol, tie_tol) -> List[str]:
 def write_results(name: str, results: dict) -> None:
     out_dir = os.environ.get("DCP_RESULTS_DIR")
     if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, f"e2e_{name}.json"), "w") as f:
             json.dump(results, f, indent=1)
 
