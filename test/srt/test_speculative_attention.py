@@ -105,7 +105,7 @@ def tree_mask(parents):
 def check_heads(out, q_all, keys, values, visible, group, group_heads):
     """Compare a backend output with the reference for this rank's heads (a2a) or, summed over
     the group, for all the group's heads (lse)."""
-    dcp, r = group.world_size, group.rank_in_group
+    r = group.rank_in_group
     ref = reference(q_all, keys, values, visible)
     if group_heads:
         torch.distributed.all_reduce(out, group=group.device_group)

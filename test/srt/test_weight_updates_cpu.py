@@ -23,7 +23,6 @@ import threading
 
 import pytest
 import torch
-from test_collectives import free_port
 from test_e2e_cpu import LOGPROB_TOL, VOCAB_SIZE, cpu_engine_kwargs
 
 from sglang_dcp.test.engine_compare import (
@@ -33,6 +32,7 @@ from sglang_dcp.test.engine_compare import (
     mixed_scenario,
     run_scenario,
 )
+from sglang_dcp.test.gloo_group import free_port
 from sglang_dcp.test.models import write_random_gqa_model
 
 pytestmark = pytest.mark.e2e
