@@ -208,10 +208,11 @@ def test_speculation_under_memory_pressure(models):
     of 1024 tokens for dcp 1 and 2: both retract decodes and evict radix pages (SGLang's
     counters); identical greedy tokens and logprobs; SGLang's strict memory checks and DCP's
     allocator-replica check on (a leak raises in the scheduler). The scheduler runs without
-    overlap here (SGLang's other speculative schedule): with overlap, two requests that the dcp 2
-    run retracted returned the same tokens but no logprob for their first token (the others
-    equal dcp 1's, shifted by one), a matter of SGLang's result bookkeeping at a retraction
-    whose timing differs from run to run; without overlap every logprob agrees."""
+    overlap here (SGLang's other speculative schedule): with overlap, SGLang 0.5.14 drops the
+    first token's logprob of a request retracted between its prefill's launch and its result
+    (the skipped result still streams it with no token, and the streamer's logprob offset
+    becomes ``max(len(output_ids), 1)`` = 1), which the dcp 2 run's retraction timing reaches
+    (README, "Speculative decoding"); tokens are unaffected."""
     spec = eagle(4, models["tp2"], "STANDALONE")
     scenario = pressure_scenario(VOCAB_SIZE, num_prompts=24, max_new_tokens=32)
     kwargs = cpu_engine_kwargs(2, enable_metrics=True, max_running_requests=24, disable_overlap_schedule=True)
