@@ -155,8 +155,10 @@ def test_speculation_tp2_dcp2(models, case, settings, comm):
         assert accepted > 0, "NGRAM, the echo draft and the target as its own draft get drafts accepted"
 
 
-def test_speculation_page16_tree(models):
-    """Page size 16 (logical page 32) with a tree (STANDALONE topk 4): each branch's draft
+@pytest.mark.parametrize("algorithm, comm", [("STANDALONE", "a2a"), ("EAGLE", "lse")])
+def test_speculation_page16_tree(models, algorithm, comm):
+    """Page size 16 (logical page 32) with a tree (topk 4; STANDALONE with the target as its
+    draft, EAGLE with the echo draft): each branch's draft
     slots start page-aligned, with a copy of the prefix's last partial page (a KV move in the
     draft's pool); against dcp 1 at page size 1, whose arithmetic is the same (SGLang runs no
     tree at page size > 1 on torch_native: its page-aligned branches are the FlashInfer path's).
@@ -165,20 +167,20 @@ def test_speculation_page16_tree(models):
     Accept lengths only for the first batch (no radix hits): a prefix hit ends on a page
     boundary, and a draft's cached KV at the hit's last slot was written for the token that
     followed it in the cached sequence (drafts read the sequence shifted by one), so where the
-    hit ends decides whether that slot is stale, and with it the next drafts. Seen: a prompt
+    hit ends decides whether that slot is stale, and with it the next drafts. Seen (STANDALONE): a prompt
     extending a cached 150-token one took 7 verify passes at page 1 (a hit of all 150 tokens,
     the last draft slot written for the old request's first output token) and 6 at page 16
     (a hit of 128); with the radix cache off, all 8 greedy requests' accept lengths agree."""
-    spec = eagle(4, models["tp2"], "STANDALONE")
+    spec = eagle(4, models["tp2"] if algorithm == "STANDALONE" else models["tp2-eagle"], algorithm)
     scenario = speculative_scenario(VOCAB_SIZE, PROMPT_LENGTHS, MAX_NEW_TOKENS)
     kwargs = cpu_engine_kwargs(2)
     no_speculation = run(models["tp2"], "mixed", scenario, dcp_size=1, **kwargs)
     same_settings = run(models["tp2"], "mixed", scenario, dcp_size=1, **spec, **kwargs)
-    candidate = run(models["tp2"], "mixed", scenario, dcp_size=2, page_size=16, **spec, **kwargs)
+    candidate = run(models["tp2"], "mixed", scenario, dcp_size=2, dcp_comm=comm, page_size=16, **spec, **kwargs)
     fresh_prompts = len(scenario[0].input_ids)
     accepted, _ = check_against_references(
-        "standalone-topk4 page16 (greedy)", greedy_only(candidate), greedy_only(same_settings), no_speculation, 2,
-        accept_requests=fresh_prompts,
+        f"{algorithm.lower()}-topk4 page16 {comm} (greedy)", greedy_only(candidate), greedy_only(same_settings),
+        no_speculation, 2, accept_requests=fresh_prompts,
     )
     assert accepted > 0
 
