@@ -6,7 +6,7 @@ allocator hands out ``N * D`` logical slots in pages of ``P * D`` (slot ``loc`` 
 ``loc % D``, row ``loc // D``), and ``max_total_num_tokens`` becomes ``N * D``, so the
 scheduler, radix cache, logs and ``get_server_info`` all count logical tokens. A speculative
 draft model's runner gets the target's ``N`` and allocator from SGLang: its pool of ``N``
-physical rows is striped by the same logical slots (``layers.attention.speculative``).
+physical rows is striped by the same logical slots (``sglang_dcp.speculative``).
 
 The pool's memory budget leaves room for what DCP's extend pass over a cached prefix
 allocates beyond TP's (``extend_prefix_reserve_bytes``, a2a or lse), which SGLang's planning
