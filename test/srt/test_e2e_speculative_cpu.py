@@ -21,7 +21,6 @@ the cases, NGRAM runs both. Beyond the scenario: D = 4, page size 16 with a tree
 with dcp 1 at page size 1: the same arithmetic), memory pressure (retractions) and aborts.
 """
 
-import dataclasses
 import random
 from typing import Dict, List
 
@@ -31,9 +30,12 @@ from sglang_dcp.test.engine_compare import (
     Batch,
     EngineRun,
     compare,
+    eagle_settings,
+    greedy_only,
     pressure_scenario,
     random_ids,
     run_engine_isolated,
+    speculation_figures,
     speculative_scenario,
 )
 from sglang_dcp.test.models import write_random_eagle_draft, write_random_gqa_model
@@ -61,9 +63,7 @@ def cpu_engine_kwargs(tp_size: int, **overrides) -> Dict:
 
 
 def eagle(topk: int, draft: str, algorithm: str = "EAGLE") -> Dict:
-    return dict(speculative_algorithm=algorithm, speculative_draft_model_path=draft,
-                speculative_num_steps=STEPS, speculative_eagle_topk=topk,
-                speculative_num_draft_tokens=STEPS + 1 if topk == 1 else 2 * STEPS)  # fmt: skip
+    return eagle_settings(topk, draft, STEPS, algorithm)
 
 
 @pytest.fixture(scope="module")
@@ -96,10 +96,6 @@ def run(model: str, scenario_name: str, scenario: List[Batch], **kwargs) -> Engi
     return _runs[key]
 
 
-def greedy_only(engine_run: EngineRun) -> EngineRun:
-    return dataclasses.replace(engine_run, results=[r for r in engine_run.results if r.greedy])
-
-
 def accept_lengths(engine_run: EngineRun) -> List:
     """Per compared request: its verify passes and how many accepted 0, 1, ... drafts."""
     return [(r.spec_verify_ct, r.spec_accept_histogram) for r in engine_run.results if not r.aborted]
@@ -111,8 +107,8 @@ def check_against_references(label, candidate, same_settings, no_speculation, dc
     speculation (greedy tokens and logprobs)."""
     agreement = compare(same_settings, candidate)
     baseline = compare(greedy_only(no_speculation), greedy_only(candidate))
-    verifies = sum(r.spec_verify_ct for r in candidate.results)
-    accepted = sum(i * n for r in candidate.results for i, n in enumerate(r.spec_accept_histogram))
+    figures = speculation_figures(candidate)
+    verifies, accepted = figures["verify_passes"], figures["accepted_drafts"]
     print(f"{label}: vs dcp 1 {agreement.identical_requests}/{agreement.num_requests} identical, "
           f"logprobs within {agreement.max_logprob_diff:.2g}; vs no speculation "
           f"{baseline.identical_requests}/{baseline.num_requests} greedy identical, "

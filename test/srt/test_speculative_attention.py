@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from sglang_dcp.test.gloo_group import run_in_dcp_groups
+from sglang_dcp.test.speculative_cpu.drafts import ancestor_mask
 
 HQ, HKV, DIM = 2, 1, 16  # query heads per rank, KV heads, head dim
 SCALE = 0.3
@@ -91,17 +92,6 @@ def layer_for(dcp, group_heads):
     return layer
 
 
-def tree_mask(parents):
-    """``[N, N]``: node ``i`` sees its ancestors and itself."""
-    n = len(parents)
-    mask = torch.eye(n, dtype=torch.bool)
-    for i, p in enumerate(parents):
-        while p >= 0:
-            mask[i, p] = True
-            p = parents[p]
-    return mask
-
-
 def check_heads(out, q_all, keys, values, visible, group, group_heads):
     """Compare a backend output with the reference for this rank's heads (a2a) or, summed over
     the group, for all the group's heads (lse)."""
@@ -125,7 +115,7 @@ def verify_case(dcp, group, gen, group_heads):
     seq_lens = [7, 12, 1]
     n = len(trees[0])
     problem = Problem(seq_lens, dcp, r, gen)
-    masks = [tree_mask(t) for t in trees]
+    masks = [ancestor_mask(t) for t in trees]
     custom_mask = torch.cat([
         torch.cat([torch.ones(n, length, dtype=torch.bool), m], dim=1).flatten()
         for length, m in zip(seq_lens, masks)

@@ -18,7 +18,7 @@ import torch
 
 from sglang.srt.speculative.eagle_utils import TreeMaskMode
 from sglang_dcp.test.speculative_cpu import tree
-from sglang_dcp.test.speculative_cpu.drafts import draft_round
+from sglang_dcp.test.speculative_cpu.drafts import ancestor_mask, draft_round
 
 GPU_TESTS = os.path.join(os.path.dirname(__file__), "gpu")
 
@@ -100,18 +100,6 @@ def random_trees(batch: int, size: int, seed: int):
     """Random trees whose parents precede their children (as NGRAM's and EAGLE's do)."""
     rng = random.Random(seed)
     return [[-1] + [rng.randrange(j) for j in range(1, size)] for _ in range(batch)]
-
-
-def ancestor_mask(parents):
-    size = len(parents)
-    mask = torch.zeros(size, size, dtype=torch.bool)
-    for node in range(size):
-        seen = node
-        mask[node, seen] = True
-        while parents[seen] != -1:
-            seen = parents[seen]
-            mask[node, seen] = True
-    return mask
 
 
 def test_reconstruct_indices_from_tree_mask():

@@ -134,6 +134,29 @@ def speculative_scenario(vocab_size: int, lengths: List[int], max_new_tokens: in
             Batch(fresh, sampled, top_logprobs_num=top_logprobs_num)]
 
 
+def eagle_settings(topk: int, draft: str, steps: int, algorithm: str = "EAGLE") -> Dict:
+    """Engine arguments of an EAGLE-family draft (``algorithm`` EAGLE, EAGLE3 or STANDALONE)
+    at ``draft``, ``steps`` draft steps of ``topk`` branches: a chain (topk 1) verifies
+    ``steps + 1`` tokens, a tree ``2 * steps``."""
+    return dict(speculative_algorithm=algorithm, speculative_draft_model_path=draft,
+                speculative_num_steps=steps, speculative_eagle_topk=topk,
+                speculative_num_draft_tokens=steps + 1 if topk == 1 else 2 * steps)  # fmt: skip
+
+
+def greedy_only(engine_run: "EngineRun") -> "EngineRun":
+    """``engine_run`` with only its greedy requests (what runs with and without speculation
+    share: speculation draws sampling coins of its own)."""
+    return dataclasses.replace(engine_run, results=[r for r in engine_run.results if r.greedy])
+
+
+def speculation_figures(engine_run: "EngineRun") -> Dict:
+    """Verify passes and accepted drafts over every request of ``engine_run``."""
+    return {
+        "verify_passes": sum(r.spec_verify_ct for r in engine_run.results),
+        "accepted_drafts": sum(i * n for r in engine_run.results for i, n in enumerate(r.spec_accept_histogram)),
+    }
+
+
 def pressure_scenario(vocab_size: int, num_prompts: int, max_new_tokens: int, seed: int = 0,
                       top_logprobs_num: int = 5) -> List[Batch]:
     """Greedy prompts of 32-96 tokens sent at once; then the same prompts again, each

@@ -27,12 +27,18 @@ One H200: ``SGLANG_DCP_SHARED_GPU=1 python -m pytest -q -s test/srt/gpu/test_e2e
 
 import dataclasses
 import os
-from typing import Callable, Dict, List
+from typing import Callable, Dict
 
 import pytest
 import torch
 
-from sglang_dcp.test.engine_compare import EngineRun, run_engine_isolated, speculative_scenario
+from sglang_dcp.test.engine_compare import (
+    eagle_settings,
+    greedy_only,
+    run_engine_isolated,
+    speculation_figures,
+    speculative_scenario,
+)
 from sglang_dcp.test.models import write_random_eagle_draft
 
 from test_e2e_gpu import (  # noqa: E402 - the GPU e2e harness beside this file
@@ -62,9 +68,7 @@ PROMPT_LENGTHS = [1, 17, 300, 2048, 8192]  # chunked prefill for the longer ones
 
 
 def eagle(topk: int, draft: str, algorithm: str = "EAGLE") -> Dict:
-    return dict(speculative_algorithm=algorithm, speculative_draft_model_path=draft,
-                speculative_num_steps=STEPS, speculative_eagle_topk=topk,
-                speculative_num_draft_tokens=STEPS + 1 if topk == 1 else 2 * STEPS)  # fmt: skip
+    return eagle_settings(topk, draft, STEPS, algorithm)
 
 
 @dataclasses.dataclass
@@ -94,17 +98,6 @@ def write_models(root: str) -> Dict[str, str]:
         "target": target,
         "eagle": write_random_eagle_draft(os.path.join(root, "eagle"), target, echo=True),
         "eagle3": write_random_eagle_draft(os.path.join(root, "eagle3"), target, eagle3=True),
-    }
-
-
-def greedy_only(engine_run: EngineRun) -> EngineRun:
-    return dataclasses.replace(engine_run, results=[r for r in engine_run.results if r.greedy])
-
-
-def speculation_figures(engine_run: EngineRun) -> Dict:
-    return {
-        "verify_passes": sum(r.spec_verify_ct for r in engine_run.results),
-        "accepted_drafts": sum(i * n for r in engine_run.results for i, n in enumerate(r.spec_accept_histogram)),
     }
 
 

@@ -367,14 +367,12 @@ def test_verify_tree_partials_merge_to_full_attention(dcp):
 
     from sglang_dcp.layers.attention.flashinfer_dcp_backend import exclusive_cumsum
     from sglang_dcp.layers.attention.merge import merge_states
+    from sglang_dcp.test.speculative_cpu.drafts import ancestor_mask
 
     torch.manual_seed(30 + dcp)
     parents = [-1, 0, 0, 1, 1, 2]  # a tree of 6 draft tokens
     n = len(parents)
-    mask = torch.eye(n, dtype=torch.bool)
-    for i, p in enumerate(parents):
-        while p >= 0:
-            mask[i, p], p = True, parents[p]
+    mask = ancestor_mask(parents)
     prefix_lens = [1, 5, 300, 1000]
     heads = 4 * dcp
     seq_lens = [p + n for p in prefix_lens]

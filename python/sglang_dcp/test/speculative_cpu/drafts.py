@@ -34,3 +34,16 @@ def draft_round(batch: int, topk: int, steps: int, num_draft: int, vocab: int, s
         chosen = [parents_list[0][b, 1:].tolist()] + [parents_list[s][b].tolist() for s in range(1, steps)]
         parent_entry.append([-1] * topk + [chosen[s - 1][c // topk] for s in range(1, steps) for c in range(topk * topk)])
     return parent_list, selected, draft_tokens, parent_entry, torch.cat(token_list, dim=1)
+
+
+def ancestor_mask(parents) -> torch.Tensor:
+    """``[N, N]`` booleans of the tree with ``parents[i]`` the parent of node ``i`` (-1: the
+    root): row ``i`` marks node ``i`` and its ancestors, what a draft token attends to."""
+    size = len(parents)
+    mask = torch.eye(size, dtype=torch.bool)
+    for node in range(size):
+        parent = int(parents[node])
+        while parent != -1:
+            mask[node, parent] = True
+            parent = int(parents[parent])
+    return mask
