@@ -166,7 +166,8 @@ def test_speculation_page16_tree(models, algorithm, comm):
     hit ends decides whether that slot is stale, and with it the next drafts. Seen (STANDALONE): a prompt
     extending a cached 150-token one took 7 verify passes at page 1 (a hit of all 150 tokens,
     the last draft slot written for the old request's first output token) and 6 at page 16
-    (a hit of 128); with the radix cache off, all 8 greedy requests' accept lengths agree."""
+    (a hit of 128); with the radix cache off, all 8 greedy requests' accept lengths agree
+    (``benchmark/dcp/spec_cpu_diagnostics.py radix``)."""
     spec = eagle(4, models["tp2"] if algorithm == "STANDALONE" else models["tp2-eagle"], algorithm)
     scenario = speculative_scenario(VOCAB_SIZE, PROMPT_LENGTHS, MAX_NEW_TOKENS)
     kwargs = cpu_engine_kwargs(2)
