@@ -245,9 +245,7 @@ def prefix_partials_merged(kv, prefix_lens, q, qo_indptr, workspace, scale):
 @needs_cuda
 @pytest.mark.parametrize("dcp", [2, 4])
 def test_extend_partials_merge_to_full_attention(dcp):
-    from flashinfer import BatchPrefillWithRaggedKVCacheWrapper
-
-    from sglang_dcp.layers.attention.flashinfer_dcp_backend import exclusive_cumsum
+    from sglang_dcp.layers.attention.flashinfer_dcp_backend import NewTokenPass, exclusive_cumsum
     from sglang_dcp.layers.attention.merge import merge_states
 
     torch.manual_seed(10 + dcp)
@@ -263,10 +261,10 @@ def test_extend_partials_merge_to_full_attention(dcp):
     workspace = torch.empty(256 << 20, dtype=torch.uint8, device=DEVICE)
     qo_indptr = exclusive_cumsum(torch.tensor(extend_lens, dtype=torch.int32))
 
-    ragged = BatchPrefillWithRaggedKVCacheWrapper(workspace, "NHD")
-    ragged.plan(qo_indptr, qo_indptr, heads, 1, HEAD_DIM, causal=True, q_data_type=torch.bfloat16)
+    new_tokens = NewTokenPass(workspace)
+    new_tokens.plan(extend_lens, None, heads, 1, HEAD_DIM, torch.bfloat16)
     poison_cuda_cache()
-    o_new, lse_new = ragged.forward_return_lse(q, k_all[new], v_all[new], causal=True, sm_scale=scale)
+    o_new, lse_new = new_tokens.run(q, k_all[new], v_all[new], scale, 0.0)
 
     o_pre, lse_pre = prefix_partials_merged(kv, prefix_lens, q, qo_indptr, workspace, scale)
     merged, _ = merge_states([o_new, o_pre], [lse_new, lse_pre], 2.0)
@@ -363,9 +361,7 @@ def test_draft_step_partials_merge_to_full_attention(dcp):
 def test_verify_tree_partials_merge_to_full_attention(dcp):
     """A verify pass: draft tokens over the committed prefix (sharded, merged) and over each
     other under the tree mask (FlashInfer's custom mask on the ragged new-token pass)."""
-    from flashinfer import BatchPrefillWithRaggedKVCacheWrapper
-
-    from sglang_dcp.layers.attention.flashinfer_dcp_backend import exclusive_cumsum
+    from sglang_dcp.layers.attention.flashinfer_dcp_backend import NewTokenPass, exclusive_cumsum
     from sglang_dcp.layers.attention.merge import merge_states
     from sglang_dcp.test.speculative_cpu.drafts import ancestor_mask
 
@@ -385,11 +381,11 @@ def test_verify_tree_partials_merge_to_full_attention(dcp):
     workspace = torch.empty(256 << 20, dtype=torch.uint8, device=DEVICE)
     qo_indptr = exclusive_cumsum(torch.full((len(prefix_lens),), n, dtype=torch.int32))
 
-    ragged = BatchPrefillWithRaggedKVCacheWrapper(workspace, "NHD")
-    ragged.plan(qo_indptr, qo_indptr, heads, 1, HEAD_DIM, custom_mask=mask.repeat(len(prefix_lens), 1, 1)
-                .reshape(-1).to(DEVICE), causal=False, q_data_type=torch.bfloat16)
+    new_tokens = NewTokenPass(workspace)
+    new_tokens.plan([n] * len(prefix_lens), mask.repeat(len(prefix_lens), 1, 1).to(DEVICE), heads, 1,
+                    HEAD_DIM, torch.bfloat16)
     poison_cuda_cache()
-    o_new, lse_new = ragged.forward_return_lse(q, k_all[new], v_all[new], causal=False, sm_scale=scale)
+    o_new, lse_new = new_tokens.run(q, k_all[new], v_all[new], scale, 0.0)
     o_pre, lse_pre = prefix_partials_merged(kv, prefix_lens, q, qo_indptr, workspace, scale)
     merged, _ = merge_states([o_new, o_pre], [lse_new, lse_pre], 2.0)
 
@@ -399,3 +395,40 @@ def test_verify_tree_partials_merge_to_full_attention(dcp):
             row = b * n + i
             o_ref, _ = reference(q[row : row + 1], k_all[keys], v_all[keys], scale)
             assert rel_err(merged[row : row + 1], o_ref) < BF16_REL_TOL, (b, i)
+
+
+@needs_cuda
+def test_new_token_pass_causal_after_verify():
+    """One ``NewTokenPass`` planned and run as the backend does: a causal extend, a verify under
+    a tree mask, a causal extend again, each against float64. A single wrapper for both kinds
+    fixes its kernel at the first (causal) plan, fa3 on Hopper, which has no custom masks, and
+    keeps the tree mask for the causal pass after it."""
+    from sglang_dcp.layers.attention.flashinfer_dcp_backend import NewTokenPass
+    from sglang_dcp.test.speculative_cpu.drafts import ancestor_mask
+
+    torch.manual_seed(40)
+    heads, scale = 8, HEAD_DIM**-0.5
+    new_tokens = NewTokenPass(torch.empty(256 << 20, dtype=torch.uint8, device=DEVICE))
+
+    def check(lens, tree_mask):
+        """Requests of ``lens`` new tokens, causal (``tree_mask`` None) or each under it."""
+        k, v = random_bf16(sum(lens), 1, HEAD_DIM), random_bf16(sum(lens), 1, HEAD_DIM)
+        q = random_bf16(sum(lens), heads, HEAD_DIM)
+        masks = None if tree_mask is None else tree_mask.repeat(len(lens), 1, 1).to(DEVICE)
+        new_tokens.plan(lens, masks, heads, 1, HEAD_DIM, torch.bfloat16)
+        poison_cuda_cache()
+        o, lse = new_tokens.run(q, k, v, scale, 0.0)
+        start = 0
+        for n in lens:
+            for i in range(n):
+                keys = torch.arange(i + 1) if tree_mask is None else tree_mask[i].nonzero().flatten()
+                keys = (start + keys).to(DEVICE)
+                o_ref, lse_ref = reference(q[start + i : start + i + 1], k[keys], v[keys], scale)
+                assert rel_err(o[start + i : start + i + 1], o_ref) < BF16_REL_TOL, (tree_mask is None, n, i)
+                assert torch.allclose(lse[start + i].double(), lse_ref[0], atol=1e-2), (tree_mask is None, n, i)
+            start += n
+
+    tree = ancestor_mask([-1, 0, 0, 1, 1, 2])
+    check([5, 17, 40, 1], None)
+    check([len(tree)] * 4, tree)
+    check([6, 6, 6, 6], None)  # the verify's shapes: a stale tree mask would change the result

@@ -8,10 +8,10 @@ base 2.
 * Decode: ``BatchDecodeWithPagedKVCacheWrapper`` planned with ``D * Hq`` query heads (the
   gathered heads, multiplied once here) over the local lengths; tensor-core decode is
   chosen for ``D * Hq`` heads per KV head.
-* Extend: ``BatchPrefillWithRaggedKVCacheWrapper`` (causal, ``Hq`` heads) for the new
-  tokens and ``BatchPrefillWithPagedKVCacheWrapper`` (non-causal, ``D * Hq`` heads) over
-  the local prefix. A verify pass plans the ragged wrapper with the draft tokens' tree
-  mask (FlashInfer's custom mask) instead of causal.
+* Extend: ``BatchPrefillWithRaggedKVCacheWrapper`` (``Hq`` heads) for the new tokens
+  (``NewTokenPass``: causal, or a verify pass's tree mask) and
+  ``BatchPrefillWithPagedKVCacheWrapper`` (non-causal, ``D * Hq`` heads) over the local
+  prefix.
 * Draft decode step: the decode wrapper over one "request" per draft branch, whose local
   rows are the request's local prefix rows followed by the branch's slots stored here
   (``draft_step_kv_indices``).
@@ -104,6 +104,33 @@ def draft_step_kv_indices(req_to_token, req_pool_indices, seq_lens, seq_lens_cpu
     return indptr_cpu, kv_indices
 
 
+class NewTokenPass:
+    """The ragged pass of an extend's new tokens over their own K/V (``Hq`` heads): causal, or
+    under a verify pass's tree mask (``[B, N, N]`` bool, FlashInfer's custom mask)."""
+
+    def __init__(self, workspace: torch.Tensor):
+        self.wrapper = BatchPrefillWithRaggedKVCacheWrapper(workspace, "NHD")
+        self.causal = True
+
+    def plan(self, new_lens, tree_masks, num_qo_heads, num_kv_heads, head_dim, q_dtype):
+        """``new_lens``: new tokens per request (host ints); ``tree_masks``: ``None`` (causal)
+        or the verify pass's ``[B, N, N]`` masks on the device."""
+        indptr = exclusive_cumsum(torch.tensor(new_lens, dtype=torch.int32))
+        mask = None if tree_masks is None else tree_masks.reshape(-1)
+        self.causal = mask is None
+        self.wrapper.plan(
+            indptr, indptr, num_qo_heads, num_kv_heads, head_dim, custom_mask=mask,
+            causal=mask is None, q_data_type=q_dtype, kv_data_type=q_dtype,
+        )
+
+    def run(self, q, k, v, sm_scale, logits_soft_cap):
+        """``(o [T, Hq, dv], base-2 lse [T, Hq])`` of ``q [T, Hq, d]`` over ``k, v [T, Hkv, d]``."""
+        return self.wrapper.forward_return_lse(
+            q.contiguous(), k.contiguous(), v.contiguous(), causal=self.causal,
+            sm_scale=sm_scale, logits_soft_cap=logits_soft_cap,
+        )
+
+
 _shared_workspace = None
 
 
@@ -141,7 +168,7 @@ class FlashInferDCPAttnBackend(DCPAttnBackend):
         )
         self.workspace = float_workspace(self.device, getattr(model_runner, "init_new_workspace", False))
         self.eager_decode_wrapper = self._new_decode_wrapper()
-        self.ragged_wrapper = BatchPrefillWithRaggedKVCacheWrapper(self.workspace, "NHD")
+        self.new_token_pass = NewTokenPass(self.workspace)
         self.prefix_wrapper = BatchPrefillWithPagedKVCacheWrapper(
             self.workspace, "NHD", backend=PAGED_KERNEL_BACKEND
         )
@@ -205,15 +232,13 @@ class FlashInferDCPAttnBackend(DCPAttnBackend):
 
     def _plan_extend(self, forward_batch):
         bs = forward_batch.batch_size
-        qo_indptr_cpu = exclusive_cumsum(torch.tensor(self.new_lens, dtype=torch.int32))
-        tree_mask = None if self.tree_masks is None else self.tree_masks.reshape(-1)
-        self.ragged_wrapper.plan(
-            qo_indptr_cpu, qo_indptr_cpu, self.num_local_heads, self.num_kv_heads,
-            self.head_dim, custom_mask=tree_mask, causal=tree_mask is None,
-            q_data_type=self.q_dtype, kv_data_type=self.q_dtype,
+        self.new_token_pass.plan(
+            self.new_lens, self.tree_masks, self.num_local_heads, self.num_kv_heads,
+            self.head_dim, self.q_dtype,
         )
         if not any(self.prefix_lens):
             return
+        qo_indptr_cpu = exclusive_cumsum(torch.tensor(self.new_lens, dtype=torch.int32))
         prefix_lens_cpu = torch.tensor(self.prefix_lens, dtype=torch.int32)
         indptr_cpu, _, kv_indices = self._local_kv(
             forward_batch.req_pool_indices, prefix_lens_cpu.to(self.device), prefix_lens_cpu,
@@ -276,10 +301,7 @@ class FlashInferDCPAttnBackend(DCPAttnBackend):
         )
 
     def partial_extend_new(self, q, k, v, layer, forward_batch):
-        return self.ragged_wrapper.forward_return_lse(
-            q.contiguous(), k.contiguous(), v.contiguous(), causal=self.tree_masks is None,
-            sm_scale=layer.scaling, logits_soft_cap=layer.logit_cap,
-        )
+        return self.new_token_pass.run(q, k, v, layer.scaling, layer.logit_cap)
 
     def partial_extend_prefix(self, q_all, layer, forward_batch):
         k_scale, v_scale = self.kv_scales(layer)
