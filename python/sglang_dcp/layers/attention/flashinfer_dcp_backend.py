@@ -106,18 +106,28 @@ def draft_step_kv_indices(req_to_token, req_pool_indices, seq_lens, seq_lens_cpu
 
 class NewTokenPass:
     """The ragged pass of an extend's new tokens over their own K/V (``Hq`` heads): causal, or
-    under a verify pass's tree mask (``[B, N, N]`` bool, FlashInfer's custom mask)."""
+    under a verify pass's tree mask (``[B, N, N]`` bool, FlashInfer's custom mask).
+
+    One wrapper per mask kind, as SGLang keeps its verify wrappers apart: a wrapper fixes its
+    kernel at its first plan (``auto`` picks fa3 on Hopper for a causal pass, and fa3 has no
+    custom masks) and keeps a custom mask until a plan gives another, so a causal pass after
+    a verify on a shared wrapper would run under the stale tree mask. The masked wrapper is
+    planned with device indptrs: FlashInfer packs the mask on the device with them."""
 
     def __init__(self, workspace: torch.Tensor):
-        self.wrapper = BatchPrefillWithRaggedKVCacheWrapper(workspace, "NHD")
-        self.causal = True
+        self.causal_wrapper = BatchPrefillWithRaggedKVCacheWrapper(workspace, "NHD")
+        self.masked_wrapper = BatchPrefillWithRaggedKVCacheWrapper(workspace, "NHD", backend="fa2")
+        self.wrapper = self.causal_wrapper
 
     def plan(self, new_lens, tree_masks, num_qo_heads, num_kv_heads, head_dim, q_dtype):
         """``new_lens``: new tokens per request (host ints); ``tree_masks``: ``None`` (causal)
         or the verify pass's ``[B, N, N]`` masks on the device."""
         indptr = exclusive_cumsum(torch.tensor(new_lens, dtype=torch.int32))
-        mask = None if tree_masks is None else tree_masks.reshape(-1)
-        self.causal = mask is None
+        if tree_masks is None:
+            self.wrapper, mask = self.causal_wrapper, None
+        else:
+            self.wrapper, mask = self.masked_wrapper, tree_masks.reshape(-1)
+            indptr = indptr.to(tree_masks.device)
         self.wrapper.plan(
             indptr, indptr, num_qo_heads, num_kv_heads, head_dim, custom_mask=mask,
             causal=mask is None, q_data_type=q_dtype, kv_data_type=q_dtype,
@@ -126,8 +136,9 @@ class NewTokenPass:
     def run(self, q, k, v, sm_scale, logits_soft_cap):
         """``(o [T, Hq, dv], base-2 lse [T, Hq])`` of ``q [T, Hq, d]`` over ``k, v [T, Hkv, d]``."""
         return self.wrapper.forward_return_lse(
-            q.contiguous(), k.contiguous(), v.contiguous(), causal=self.causal,
-            sm_scale=sm_scale, logits_soft_cap=logits_soft_cap,
+            q.contiguous(), k.contiguous(), v.contiguous(),
+            causal=self.wrapper is self.causal_wrapper, sm_scale=sm_scale,
+            logits_soft_cap=logits_soft_cap,
         )
 
 
