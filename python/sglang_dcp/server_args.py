@@ -204,6 +204,14 @@ class DCPServerArgs(sglang_server_args.ServerArgs):
             )
         # SGLang's own defaults may set a per-phase backend (e.g. prefill for some models).
         self._check_attention_backends(DCP_ATTENTION_BACKENDS[self.device])
+        # SGLang resolves algorithm aliases on the draft model (EAGLE or NEXTN with a Gemma4
+        # assistant draft becomes FROZEN_KV_MTP): check the algorithm it will run.
+        refused = speculative_refusal(self)
+        if refused is not None:
+            raise DCPConfigError(
+                f"{refused}, as SGLang resolved it for this draft model, is not supported with "
+                f"--dcp-size {d}; use another draft model or --dcp-size 1."
+            )
         refused = speculative_graph_refusal(self)
         if refused is not None:
             raise DCPConfigError(f"--dcp-size {d} runs speculative decoding eagerly: no {refused}.")

@@ -13,9 +13,11 @@ CONTEXT_LEN = 131072
 
 
 def runner(dcp_size, chunked_prefill_size=8192, max_prefill_tokens=16384, dcp_comm="a2a",
-           group_heads=False):
+           group_heads=False, **speculative):
     """A model of 64 query heads (8 per rank at tp 8), one attention layer, which holds its
-    group's heads if ``group_heads`` (what ``--dcp-comm lse`` does at load)."""
+    group's heads if ``group_heads`` (what ``--dcp-comm lse`` does at load); ``speculative``
+    sets the speculative server arguments (default: none)."""
+    speculative = {"speculative_algorithm": None, **speculative}
     from sglang.srt.layers.radix_attention import RadixAttention
 
     attention = torch.nn.Module()
@@ -24,7 +26,7 @@ def runner(dcp_size, chunked_prefill_size=8192, max_prefill_tokens=16384, dcp_co
     return types.SimpleNamespace(
         server_args=types.SimpleNamespace(
             dcp_size=dcp_size, dcp_comm=dcp_comm, tp_size=8, chunked_prefill_size=chunked_prefill_size,
-            max_prefill_tokens=max_prefill_tokens),
+            max_prefill_tokens=max_prefill_tokens, **speculative),
         model_config=types.SimpleNamespace(num_attention_heads=64, head_dim=128, v_head_dim=128,
                                            context_len=CONTEXT_LEN),
         model=torch.nn.ModuleDict({"layer": attention}),
@@ -73,3 +75,23 @@ def test_budget_without_chunked_prefill_is_sized_by_the_context():
     longer_budget = runner(4, chunked_prefill_size=-1, max_prefill_tokens=2 * CONTEXT_LEN)
     assert budget - reserve_extend_memory(budget, longer_budget, 0) == extend_prefix_reserve_bytes(
         2 * CONTEXT_LEN, 8, 128, 128, 4, 2)  # fmt: skip
+
+
+def test_budget_with_speculation_covers_the_largest_verify():
+    """A verify pass extends every running request by its draft tokens (a draft extend by at
+    most ``steps + 1``): with many requests that is more than a chunk."""
+    budget = 400 << 30
+
+    def reserve(**speculative):
+        return budget - reserve_extend_memory(budget, runner(2, **speculative), 0)
+
+    eagle = dict(speculative_algorithm="EAGLE", speculative_num_steps=3, speculative_num_draft_tokens=8)
+    assert reserve(**eagle, max_running_requests=48) == extend_prefix_reserve_bytes(8192, 8, 128, 128, 2, 2)
+    assert reserve(**eagle, max_running_requests=2048) == extend_prefix_reserve_bytes(
+        2048 * 8, 8, 128, 128, 2, 2)  # fmt: skip
+    chain = dict(speculative_algorithm="EAGLE", speculative_num_steps=5, speculative_num_draft_tokens=2)
+    assert reserve(**chain, max_running_requests=2048) == extend_prefix_reserve_bytes(
+        2048 * 6, 8, 128, 128, 2, 2)  # fmt: skip
+    ngram = dict(speculative_algorithm="NGRAM", speculative_num_steps=None, speculative_num_draft_tokens=16)
+    assert reserve(**ngram, max_running_requests=1024) == extend_prefix_reserve_bytes(
+        1024 * 16, 8, 128, 128, 2, 2)  # fmt: skip

@@ -288,6 +288,18 @@ def test_rejected_draft_model_kv_heads(models):
     assert "needs every KV head of the draft model replicated on a multiple of 2 TP ranks" in message
 
 
+@pytest.mark.parametrize("algorithm", ["EAGLE", "NEXTN"])
+def test_rejected_speculative_alias_resolved_by_sglang(models, tmp_path, algorithm):
+    """SGLang turns EAGLE / NEXTN with a Gemma4 assistant draft into FROZEN_KV_MTP after the
+    flags are read: the algorithm it resolved is checked too."""
+    draft = write_config(tmp_path / "gemma4_assistant", "llama", "Gemma4AssistantForCausalLM",
+                         num_attention_heads=8, num_key_value_heads=1)  # fmt: skip
+    flags = f"--tp 2 --dcp 2 --speculative-algorithm {algorithm} --speculative-draft-model-path {draft}"
+    assert rejection(models, "gqa1", flags).startswith(
+        "--speculative-algorithm FROZEN_KV_MTP (DCP runs EAGLE, EAGLE3, NEXTN, STANDALONE, NGRAM), as "
+        "SGLang resolved it for this draft model, is not supported with --dcp-size 2")  # fmt: skip
+
+
 @pytest.mark.parametrize("algorithm", ["EAGLE", "EAGLE3", "NEXTN", "STANDALONE"])
 def test_accepted_speculative(models, algorithm):
     flags = f"--tp 2 --dcp 2 --speculative-algorithm {algorithm} --speculative-draft-model-path"

@@ -96,12 +96,20 @@ def extend_prefix_reserve_bytes(
 
 
 def largest_extend_tokens(args, context_len: int) -> int:
-    """The most new tokens one extend batch holds: the chunked-prefill size, or without chunked
-    prefill (``--chunked-prefill-size -1``) ``--max-prefill-tokens``, or the context length if
-    longer (SGLang admits a first request longer than ``max_prefill_tokens`` into a batch)."""
+    """The most new tokens one extend-like batch holds: the chunked-prefill size, or without
+    chunked prefill (``--chunked-prefill-size -1``) ``--max-prefill-tokens``, or the context
+    length if longer (SGLang admits a first request longer than ``max_prefill_tokens`` into a
+    batch); with speculative decoding, a verify pass's ``max_running_requests x
+    speculative_num_draft_tokens`` or a draft extend's ``max_running_requests x
+    (speculative_num_steps + 1)`` where more (SGLang has set ``max_running_requests`` by then)."""
     if args.chunked_prefill_size > 0:
-        return args.chunked_prefill_size
-    return max(args.max_prefill_tokens, context_len)
+        tokens = args.chunked_prefill_size
+    else:
+        tokens = max(args.max_prefill_tokens, context_len)
+    if args.speculative_algorithm is not None:
+        per_request = max(args.speculative_num_draft_tokens or 0, (args.speculative_num_steps or 0) + 1)
+        tokens = max(tokens, args.max_running_requests * per_request)
+    return tokens
 
 
 def reserve_extend_memory(available_bytes: int, runner, pre_model_load_memory) -> int:
