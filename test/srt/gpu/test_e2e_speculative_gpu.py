@@ -27,7 +27,7 @@ One H200: ``SGLANG_DCP_SHARED_GPU=1 python -m pytest -q -s test/srt/gpu/test_e2e
 
 import dataclasses
 import os
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import pytest
 import torch
@@ -102,9 +102,11 @@ def write_models(root: str) -> Dict[str, str]:
 
 
 def run_speculative_case(name: str, models: Dict[str, str], kwargs: Callable[..., Dict],
-                         env: Dict[str, str]) -> tuple:
+                         env: Dict[str, str], no_speculation_runs: Optional[Dict] = None) -> tuple:
     """Every run of case ``name`` (engine arguments from ``kwargs(tp_size, page_size)``, each
-    engine in its own process with ``env``). Returns the results and the failures."""
+    engine in its own process with ``env``). The dcp 1 run without speculation is taken from
+    ``no_speculation_runs`` by ``(tp_size, page_size)`` where there (cases of one model share
+    it) and kept there. Returns the results and the failures."""
     case = CASES[name]
     spec = case.settings(models)
     scenario = speculative_scenario(VOCAB_SIZE, PROMPT_LENGTHS, MAX_NEW_TOKENS, top_logprobs_num=TOP_LOGPROBS)
@@ -113,7 +115,11 @@ def run_speculative_case(name: str, models: Dict[str, str], kwargs: Callable[...
         return run_engine_isolated(models["target"], scenario, env=env,
                                    **kwargs(case.tp_size, case.page_size), **extra)
 
-    no_speculation = run(dcp_size=1)
+    no_speculation_runs = {} if no_speculation_runs is None else no_speculation_runs
+    shape = (case.tp_size, case.page_size)
+    if shape not in no_speculation_runs:
+        no_speculation_runs[shape] = run(dcp_size=1)
+    no_speculation = no_speculation_runs[shape]
     same_settings = run(dcp_size=1, **spec)
     baseline = run_record("dcp1-spec-vs-no-spec", 1, None, False, greedy_only(no_speculation),
                           greedy_only(same_settings))
@@ -149,8 +155,19 @@ def gpu_engine_kwargs(tp_size: int, page_size: int) -> Dict:
                          max_running_requests=16)
 
 
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Dict[str, str]:
+    return write_models(str(tmp_path_factory.mktemp("models")))
+
+
+@pytest.fixture(scope="module")
+def no_speculation_runs() -> Dict:
+    return {}
+
+
 @pytest.mark.parametrize("name", list(CASES))
-def test_speculation_matches_dcp1(tmp_path, name):
+def test_speculation_matches_dcp1(models, no_speculation_runs, name):
     skip_without_gpus(CASES[name].tp_size)
-    _, failures = run_speculative_case(name, write_models(str(tmp_path)), gpu_engine_kwargs, env={})
+    _, failures = run_speculative_case(name, models, gpu_engine_kwargs, env={},
+                                       no_speculation_runs=no_speculation_runs)
     assert not failures, failures
