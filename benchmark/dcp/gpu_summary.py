@@ -5,8 +5,10 @@
 CARD names the GPUs (``gpu_card`` of gpu_common.sh, e.g. "2x NVIDIA H100 80GB HBM3"). OUT_JSON
 gets every stage and result; beside it, ``gpu_shared.json`` gets one row per DCP run made in
 the shared-GPU test mode (card, date, commit, case, comm, requests, identical, max gap,
-capacity ratio, pass), the rows the README's GPU proof table quotes. A row's date and commit
-are those its stage recorded when it finished (else the summary's, and COMMIT).
+capacity ratio, pass), the rows the README's GPU proof table quotes, after the rows of the
+repository's ``results/gpu_shared.json`` whose case this run did not run again.
+A row's date and commit are those its stage recorded when it finished (else the summary's,
+and COMMIT).
 """
 
 import datetime
@@ -64,6 +66,19 @@ def http_rows(http: dict, shared_gpu: bool) -> list:
              "max_gap": None, "capacity_ratio": None, "pass": http["ok"], "shared_gpu": shared_gpu}]
 
 
+SHARED_ROWS = "benchmark/dcp/results/gpu_shared.json"
+
+
+def with_earlier_rows(rows: list, earlier_path: str) -> list:
+    """``rows`` after the rows of ``earlier_path`` (if it exists) of cases they do not hold."""
+    if not os.path.exists(earlier_path):
+        return rows
+    with open(earlier_path) as f:
+        earlier = json.load(f)
+    cases = {row["case"] for row in rows}
+    return [row for row in earlier if row["case"] not in cases] + rows
+
+
 def main():
     work, out_json, card = sys.argv[1:4]
     commit = sys.argv[4] if len(sys.argv) > 4 else "unknown"
@@ -101,7 +116,7 @@ def main():
     shared_rows = [row for row in rows if row["shared_gpu"]]
     if shared_rows:
         with open(os.path.join(os.path.dirname(out_json), "gpu_shared.json"), "w") as f:
-            json.dump(shared_rows, f, indent=1)
+            json.dump(with_earlier_rows(shared_rows, SHARED_ROWS), f, indent=1)
 
     print(f"\nGPU check on {card}, {summary['date']}, commit {commit}")
     print(f"{'stage':14} {'rc':>3} {'s':>5} {'shared':>6}  tests")
