@@ -195,7 +195,7 @@ def main():
     parser.add_argument("--concurrent", type=int, default=1, help="servers at once (each its own port)")
     parser.add_argument("--speculative-num-steps", type=int, default=3)
     parser.add_argument("--max-running-requests", type=int, default=200)
-    parser.add_argument("--max-total-tokens", type=int, default=131072, help="physical rows per rank")
+    parser.add_argument("--max-total-tokens", type=int, default=98304, help="physical rows per rank")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--card", default="CPU", help="what ran it, for the record (e.g. '1x NVIDIA H200')")
     parser.add_argument("--commit", default="unknown")
@@ -214,10 +214,14 @@ def main():
 
     names = args.runs.split(",")
     todo = [n for n in names if not os.path.exists(os.path.join(args.work, f"{n}.json"))]
+    failed = []
     with concurrent.futures.ThreadPoolExecutor(args.concurrent) as pool:
         futures = {pool.submit(serve_and_ask, args, n, model, prompts, args.port + 10 * i): n
                    for i, n in enumerate(todo)}
         for future in concurrent.futures.as_completed(futures):
+            if future.exception() is not None:
+                failed.append(f"{futures[future]}: {future.exception()}")
+                continue
             with open(os.path.join(args.work, f"{futures[future]}.json"), "w") as f:
                 json.dump(future.result(), f)
     runs = {}
@@ -252,6 +256,8 @@ def main():
     for name, m in result["runs"].items():
         if "accepted_drafts_histogram" in m:
             print(f"{name}: drafts accepted per verify pass {m['accepted_drafts_histogram']}")
+    if failed:
+        raise SystemExit("runs that failed (see their logs in --work): " + "; ".join(failed))
 
 
 if __name__ == "__main__":
