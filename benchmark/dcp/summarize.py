@@ -5,8 +5,8 @@
 Reads ``serving_sweep_tp<TP>.json`` and ``serving_sweep_upstream_tp<TP>.json``
 (bench_serving_sweep.py; each headline serving figure comes from the largest TP that measured
 it, every TP's are under ``serving_by_tp``), ``bench_attention.json`` (bench_attention.py),
-``bench_attention_stages.json`` (bench_attention_stages.py) and ``accuracy.json``
-(bench_accuracy.py) when present; a figure whose benchmark has not run is ``null``.
+``bench_attention_stages.json`` (bench_attention_stages.py), ``accuracy.json`` and
+``accuracy_gpu.json`` (bench_accuracy.py on CPU and on a GPU) when present; a figure whose benchmark has not run is ``null``.
 """
 
 import argparse
@@ -127,11 +127,26 @@ def attention_stages(stages):
     }
 
 
+def gsm8k_identical_fraction(accuracy: dict) -> float:
+    """The least share of identical answers of a DCP run against dcp 1 (bench_accuracy.py)."""
+    return min(c["identical_texts"] / c["compared"] for c in accuracy["comparisons"] if c["reference"] == "dcp1")
+
+
+def gsm8k_figures(accuracy: dict) -> dict:
+    return {
+        **{k: accuracy[k] for k in ("model", "card", "date", "tp", "dcp", "num_questions")},
+        "accuracy": {name: run["accuracy"] for name, run in accuracy["runs"].items()},
+        "identical_texts": {f"{c['candidate']} vs {c['reference']}": f"{c['identical_texts']}/{c['compared']}"
+                            for c in accuracy["comparisons"]},
+    }
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", default="benchmark/dcp/results")
     args = parser.parse_args()
     accuracy = load(args.results, "accuracy.json")
+    gpu_accuracy = load(args.results, "accuracy_gpu.json")
     sweeps, upstream = load_sweeps(args.results, "plugin"), load_sweeps(args.results, "upstream")
     by_tp = {tp: serving_figures(sweep) for tp, sweep in sorted(sweeps.items())}
     attention = load(args.results, "bench_attention.json")
@@ -144,9 +159,9 @@ def main():
         "attention_floor_bandwidth_gbps": attention and attention["hbm_bandwidth_gbps"],
         "attention_stages": attention_stages(load(args.results, "bench_attention_stages.json")),
         "upstream_peer": {tp: upstream_figures(sweeps.get(tp), run) for tp, run in sorted(upstream.items())},
-        "gsm8k_identical_fraction": accuracy and accuracy["gsm8k_identical_fraction"],
-        "gsm8k": accuracy and {k: accuracy[k] for k in (
-            "model", "device", "tp", "dcp", "num_questions", "tp_only", "tp_dcp", "identical_answers")},
+        "gsm8k_identical_fraction": accuracy and gsm8k_identical_fraction(accuracy),
+        "gsm8k": accuracy and gsm8k_figures(accuracy),
+        "gsm8k_gpu": gpu_accuracy and gsm8k_figures(gpu_accuracy),
     }
     with open(os.path.join(args.results, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
