@@ -30,9 +30,10 @@
 #            EAGLE topk 1 and 4, page 1 and 16, EAGLE3, STANDALONE) under dcp 2 vs dcp 1 with the
 #            same settings and vs no speculation, eager
 #   e2e-spec-dcp4  the same for EAGLE topk 4 at tp=4, dcp 4                   (4 GPUs)
-#   e2e-spec-chains, e2e-spec-trees, e2e-spec-page16  e2e-spec's cases in three parts, to run
-#            at once (NGRAM, EAGLE and EAGLE3 chains; EAGLE topk 4 and STANDALONE; page 16):
-#            bash benchmark/dcp/gpu_check.sh e2e-spec-chains+e2e-spec-trees+e2e-spec-page16+e2e-spec-dcp4
+#   e2e-spec-chains, e2e-spec-eagle3, e2e-spec-trees, e2e-spec-page16  e2e-spec's cases in four
+#            parts, to run at once (NGRAM and EAGLE chains; EAGLE3; EAGLE topk 4 and STANDALONE;
+#            page 16), e.g. with e2e-spec-dcp4 on one GPU:
+#            bash benchmark/dcp/gpu_check.sh e2e-spec-chains+e2e-spec-eagle3+e2e-spec-trees+e2e-spec-page16+e2e-spec-dcp4
 #   http     benchmark/dcp/http_check.py: launch_server --tp 2 --dcp 2, /generate,
 #            /v1/completions, sglang.bench_serving, once per --dcp-comm
 #   soak     benchmark/dcp/soak.py --device cuda: SOAK_REQUESTS (1000) requests to a dcp 1 server
@@ -54,10 +55,11 @@ export DCP_COMM=${DCP_COMM:-a2a,lse}
 
 declare -A GPUS_NEEDED=([kernels]=1 [e2e-tp2]=2 [e2e-tp4]=4 [e2e-dcp4]=4 [e2e-llama]=2 [e2e-fp8]=2
                         [e2e-moe]=2 [e2e-pressure]=2 [e2e-spec]=2 [e2e-spec-dcp4]=4 [e2e-spec-chains]=2
-                        [e2e-spec-trees]=2 [e2e-spec-page16]=2 [http]=2 [soak]=2)
+                        [e2e-spec-eagle3]=2 [e2e-spec-trees]=2 [e2e-spec-page16]=2 [http]=2 [soak]=2)
 declare -A E2E_CASES=([e2e-tp2]=tp2-kv1 [e2e-tp4]=tp4-kv2 [e2e-dcp4]=tp4-kv1-dcp4 [e2e-llama]=llama
                       [e2e-moe]=qwen3moe [e2e-fp8]=fp8-kv [e2e-pressure]=memory_pressure
-                      [e2e-spec]="not dcp4" [e2e-spec-dcp4]=dcp4 [e2e-spec-chains]="ngram or eagle-topk1 or eagle3"
+                      [e2e-spec]="not dcp4" [e2e-spec-dcp4]=dcp4 [e2e-spec-chains]="ngram or eagle-topk1"
+                      [e2e-spec-eagle3]=eagle3
                       [e2e-spec-trees]="(eagle-topk4 and not page16 and not dcp4) or standalone"
                       [e2e-spec-page16]=page16)
 
