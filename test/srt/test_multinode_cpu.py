@@ -123,14 +123,10 @@ def work(tmp_path_factory):
         str(work / "model"), architecture="LlamaForCausalLM", num_attention_heads=4,
         num_key_value_heads=1, vocab_size=VOCAB_SIZE,
     )  # fmt: skip
-    saved = {name: os.environ.get(name) for name in SERVER_ENV}
-    os.environ.update(SERVER_ENV)
-    yield work
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in SERVER_ENV.items():
+            patch.setenv(name, value)
+        yield work
 
 
 @pytest.fixture(scope="module")
