@@ -172,8 +172,8 @@ def active_hooks() -> tuple:
 
 
 def register() -> None:
-    """Entry point of group ``sglang.srt.plugins``: register every hook of the table (and of
-    the test modes the environment enables)."""
+    """Register every hook of the table (and of the test modes the environment enables);
+    called by the entry point ``sglang_dcp.register`` under SGLang 0.5.14 only."""
     for mode in enabled_test_modes():
         mode.on_enable()
     for hook in active_hooks():

@@ -77,7 +77,8 @@ class DCPServerArgs(sglang_server_args.ServerArgs):
             return super().__post_init__()
         from sglang_dcp.hooks import require_hooks_applied
 
-        if self.dcp_physical_page_size is not None:
+        first_resolution = self.dcp_physical_page_size is None
+        if not first_resolution:
             self.page_size = self.dcp_physical_page_size
         self._check_dcp_flags()
         require_hooks_applied()
@@ -88,6 +89,8 @@ class DCPServerArgs(sglang_server_args.ServerArgs):
         super().__post_init__()
         self._check_dcp_resolved_args()
         self._set_logical_page()
+        if first_resolution:
+            self._warn_if_groups_span_nodes()
 
     def _set_logical_page(self):
         """``page_size`` becomes the logical page ``P * D``; a chunk holds whole logical pages."""
@@ -162,6 +165,27 @@ class DCPServerArgs(sglang_server_args.ServerArgs):
                 "--enable-memory-saver is not supported with --dcp-comm lse; use --dcp-comm "
                 "a2a or remove --enable-memory-saver."
             )
+
+    def _warn_if_groups_span_nodes(self):
+        """One warning where a DCP group spans nodes of SGLang's multi-node launch.
+
+        With ``--nnodes N`` and pp 1 (DCP requires it), SGLang's ``_calculate_rank_ranges``
+        (``entrypoints/engine.py``) runs TP ranks ``[r * tp / N, (r + 1) * tp / N)`` on node
+        ``r``; DCP group ``g`` is TP ranks ``[g * D, (g + 1) * D)``. Every group stays inside
+        a node iff ``D`` divides ``tp / N``; otherwise the node boundary ``tp / N`` falls
+        inside a group.
+        """
+        nnodes, tp, d = self.nnodes, self.tp_size, self.dcp_size
+        if nnodes == 1 or tp % nnodes:  # SGLang's check_server_args refuses the latter
+            return
+        ranks_per_node = tp // nnodes
+        if ranks_per_node % d:
+            logger.warning(
+                "DCP: --dcp-size %d groups span nodes (--tp-size %d over --nnodes %d is %d TP "
+                "ranks a node): their decode collectives cross the network at every layer; a "
+                "--dcp-size that divides %d keeps each group inside a node",
+                d, tp, nnodes, ranks_per_node, ranks_per_node,
+            )  # fmt: skip
 
     def _set_dcp_defaults(self):
         device = (self.device or get_device()).split(":")[0]

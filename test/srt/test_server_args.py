@@ -413,6 +413,44 @@ def test_resolving_twice_changes_nothing(models, device):
     assert (args.page_size, args.dcp_physical_page_size, args.chunked_prefill_size) == (32, 16, 96)
 
 
+# SGLang's multi-node launch: (flags, whether a DCP group spans nodes). Node r runs TP ranks
+# [r * tp / nnodes, (r + 1) * tp / nnodes); a DCP group is D consecutive TP ranks.
+MULTI_NODE = [
+    pytest.param("--tp 4 --dcp 2 --nnodes 2", False, id="tp4-2nodes-dcp2"),
+    pytest.param("--tp 4 --dcp 4 --nnodes 2", True, id="tp4-2nodes-dcp4"),
+    pytest.param("--tp 8 --dcp 2 --nnodes 4", False, id="tp8-4nodes-dcp2"),
+    pytest.param("--tp 8 --dcp 4 --nnodes 4", True, id="tp8-4nodes-dcp4"),
+    pytest.param("--tp 8 --dcp 8 --nnodes 2 --node-rank 1", True, id="tp8-2nodes-dcp8-node1"),
+    pytest.param("--tp 4 --dcp 4", False, id="one-node"),
+    pytest.param("--tp 4 --nnodes 2", False, id="dcp1"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("flags, spans", MULTI_NODE)
+def test_group_across_nodes_warns_once(models, flags, spans, caplog):
+    import sglang.srt.server_args as server_args
+
+    flags += " --dist-init-addr 127.0.0.1:5000" if "--nnodes" in flags else ""
+    # parse() sets --log-level error on the root logger and replaces its handlers
+    dcp_logger = logging.getLogger("sglang_dcp.server_args")
+    dcp_logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger=dcp_logger.name):
+            args = parse(models, "gqa1", flags)
+            server_args.ServerArgs(**dataclasses.asdict(args))  # resolving again: no second line
+    finally:
+        dcp_logger.removeHandler(caplog.handler)
+    warnings = [r.getMessage() for r in caplog.records if "span nodes" in r.getMessage()]
+    assert len(warnings) == int(spans), warnings
+    if spans:
+        d, tp, nnodes = (int(re.search(rf"--{f} (\d+)", flags).group(1)) for f in ("dcp", "tp", "nnodes"))
+        assert warnings[0] == (
+            f"DCP: --dcp-size {d} groups span nodes (--tp-size {tp} over --nnodes {nnodes} is "
+            f"{tp // nnodes} TP ranks a node): their decode collectives cross the network at "
+            f"every layer; a --dcp-size that divides {tp // nnodes} keeps each group inside a node"
+        )
+
+
 @pytest.mark.parametrize("comm", ["a2a", "lse"])
 def test_dcp_comm_accepted(models, comm):
     assert parse(models, "gqa1", f"--tp 2 --dcp 2 --dcp-comm {comm}").dcp_comm == comm
