@@ -5,7 +5,7 @@
 CARD names the GPUs (``gpu_card`` of gpu_common.sh, e.g. "2x NVIDIA H100 80GB HBM3"). OUT_JSON
 gets every stage and result; beside it, ``gpu_shared.json`` gets one row per DCP run made in
 the shared-GPU test mode (card, date, commit, case, comm, requests, identical, max gap,
-capacity ratio, pass), the rows the README's GPU proof table quotes, after the rows of the
+capacity ratio, pass), the rows docs/gpu-checks.md's proof table quotes, after the rows of the
 repository's ``results/gpu_shared.json`` whose case this run did not run again.
 A row's date and commit are those its stage recorded when it finished (else the summary's,
 and COMMIT).

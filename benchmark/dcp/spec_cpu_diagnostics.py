@@ -1,6 +1,6 @@
-"""Two diagnostics behind statements about speculative decoding under DCP on CPU (README,
-"Speculative decoding"; ``test/srt/test_e2e_speculative_cpu.py``), in the CPU speculation test
-mode, on the e2e test's models and scenarios:
+"""Two diagnostics behind statements about speculative decoding under DCP on CPU
+(docs/speculative-decoding.md; ``test/srt/test_e2e_speculative_cpu.py``), in the CPU
+speculation test mode, on the e2e test's models and scenarios:
 
 * ``logprobs``: STANDALONE topk 4 under memory pressure WITH the overlap scheduler, dcp 1 at
   several logical pool sizes and dcp 2 at the test's 1024: per run, the requests SGLang

@@ -33,8 +33,8 @@ NGRAM's corpus is built from the same tokens on every rank.
 Accepted with ``--dcp-size > 1``: NGRAM, EAGLE (NEXTN), EAGLE3 and STANDALONE, chains and
 trees (topk 1 and > 1), page size 1 and > 1, greedy and sampled, both ``--dcp-comm`` paths,
 eagerly (decode CUDA graphs for the verify and draft passes are not implemented under DCP).
-``speculative_refusal`` and ``speculative_graph_refusal`` name what is not (README: which
-combination is proven where).
+``speculative_refusal`` and ``speculative_graph_refusal`` name what is not
+(docs/speculative-decoding.md: which combination is proven where).
 """
 
 from typing import Optional

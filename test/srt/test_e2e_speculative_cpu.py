@@ -211,7 +211,7 @@ def test_speculation_under_memory_pressure(models):
     first token's logprob of a request retracted between its prefill's launch and its result
     (the skipped result still streams it with no token, and the streamer's logprob offset
     becomes ``max(len(output_ids), 1)`` = 1), which the dcp 2 run's retraction timing reaches
-    (README, "Speculative decoding"); tokens are unaffected."""
+    (docs/speculative-decoding.md, "Memory pressure"); tokens are unaffected."""
     spec = eagle(4, models["tp2"], "STANDALONE")
     scenario = pressure_scenario(VOCAB_SIZE, num_prompts=24, max_new_tokens=32)
     kwargs = cpu_engine_kwargs(2, enable_metrics=True, max_running_requests=24, disable_overlap_schedule=True)
