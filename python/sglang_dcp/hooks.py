@@ -159,6 +159,7 @@ HOOKS = (
 TEST_MODES = {
     "SGLANG_DCP_SHARED_GPU": "sglang_dcp.test.shared_gpu",
     "SGLANG_DCP_TEST_CPU_SPECULATION": "sglang_dcp.test.speculative_cpu",
+    "SGLANG_DCP_TEST_CPU_HICACHE": "sglang_dcp.test.hicache_cpu",
 }
 
 
