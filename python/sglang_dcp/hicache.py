@@ -35,10 +35,12 @@ What the plugin hooks (``hooks.py``):
   the DCP group and no host slot leaked.
 
 Accepted with ``--dcp-size > 1``: layouts ``layer_first``, ``page_first`` and
-``page_first_direct``, I/O backends ``kernel`` and ``direct``, every write and prefetch
-policy, ``--hicache-ratio`` and ``--hicache-size``, L3 storage ``file``. Refused in one line
-before loading (``hicache_refusal``): other layouts, other I/O backends, other storage
-backends, and HiCache with speculative decoding.
+``page_first_direct``, I/O backends ``kernel`` and ``direct``, write policies
+``write_through`` and ``write_through_selective``, every prefetch policy, ``--hicache-ratio``
+and ``--hicache-size``, L3 storage ``file``. Refused in one line before loading
+(``hicache_refusal``): other layouts, other I/O backends, other storage backends,
+``write_back`` (SGLang 0.5.14's own accounting fails at dcp 1) and HiCache with speculative
+decoding.
 """
 
 from typing import Optional
@@ -62,6 +64,10 @@ def hicache_refusal(args) -> Optional[str]:
     backend = args.hicache_storage_backend
     if backend is not None and backend not in DCP_HICACHE_STORAGE_BACKENDS:
         return f"--hicache-storage-backend {backend} (DCP runs {', '.join(DCP_HICACHE_STORAGE_BACKENDS)})"
+    if args.hicache_write_policy == "write_back":
+        # At dcp 1 SGLang 0.5.14's write-back eviction fails its own strict busy memory check
+        # (available + evictable + protected over the pool) and ran out of memory on CPU
+        return "--hicache-write-policy write_back (SGLang 0.5.14 miscounts its device pool; use write_through)"
     if args.speculative_algorithm is not None:
         return "--enable-hierarchical-cache with --speculative-algorithm"
     return None
