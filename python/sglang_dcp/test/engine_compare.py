@@ -216,6 +216,39 @@ def hicache_scenario(vocab_size: int, num_prompts: int, prompt_lengths: Tuple[in
             Batch(extended(first, 11), greedy, flush_cache_before=True, **kw)]
 
 
+def hicache_settings(layout: str, io_backend: str, write_policy: str, prefetch_policy: str, ratio: float,
+                     prefetch_threshold: int = 32) -> Dict:
+    """Engine arguments of HiCache with an L3 ``file`` store (its folder: the environment's
+    ``SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR``), prefetching prompts of ``prefetch_threshold``
+    tokens and more."""
+    return dict(enable_hierarchical_cache=True, hicache_ratio=ratio, hicache_mem_layout=layout,
+                hicache_io_backend=io_backend, hicache_write_policy=write_policy, hicache_storage_backend="file",
+                hicache_storage_prefetch_policy=prefetch_policy,
+                hicache_storage_backend_extra_config=json.dumps({"prefetch_threshold": prefetch_threshold}))  # fmt: skip
+
+
+def hicache_figures(engine_run: "EngineRun", scenario: List[Batch]) -> Dict:
+    """What HiCache did in ``engine_run`` (``SchedulerCounts``), and the prompt tokens that the
+    requests of the scenario's last batch, sent after ``flush_cache``, found cached (only L3
+    held them)."""
+    c = engine_run.counts
+    after_flush = engine_run.results[-len(scenario[-1].input_ids):]
+    return {"host_capacity": c.host_capacity, "evicted_tokens": c.evicted_tokens,
+            "loaded_back_tokens": c.loaded_back_tokens, "stored_tokens": c.stored_tokens,
+            "prefetched_tokens": c.prefetched_tokens, "cached_after_flush": sum(r.cached_tokens for r in after_flush),
+            "aborted": sum(r.aborted for r in engine_run.results)}  # fmt: skip
+
+
+def hicache_shortfalls(figures: Dict, reference: Dict, dcp_size: int) -> List[str]:
+    """What a DCP run's ``hicache_figures`` lack against dcp 1's with the same settings: the host
+    tier D x the logical tokens, device evictions, load-backs, L3 writes, L3 hits after the flush
+    and aborted requests, each more than 0."""
+    missing = [] if figures["host_capacity"] == dcp_size * reference["host_capacity"] > 0 else [
+        f"host capacity {figures['host_capacity']}, not {dcp_size} x {reference['host_capacity']}"]
+    names = ("evicted_tokens", "loaded_back_tokens", "stored_tokens", "cached_after_flush", "aborted")
+    return missing + [f"no {name.replace('_', ' ')}" for name in names if figures[name] <= 0]
+
+
 # Prometheus counters (names as sampled) -> SchedulerCounts fields
 _PROMETHEUS_COUNTERS = {
     "sglang:num_retracted_requests_total": "retracted_requests",
