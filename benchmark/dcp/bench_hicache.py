@@ -102,7 +102,8 @@ def conversation_turns(args, engine, vocab_size: int):
             out = engine.generate(input_ids=prompt, sampling_params={"max_new_tokens": args.answer_tokens,
                                                                      "temperature": 0.0})  # fmt: skip
             conv += out["output_ids"]
-            records.append({"turn": turn, "prompt_tokens": len(prompt), "cached_tokens": out["meta_info"]["cached_tokens"]})
+            cached = out["meta_info"]["cached_tokens"]
+            records.append({"turn": turn, "prompt_tokens": len(prompt), "cached_tokens": cached})
     return records
 
 
@@ -138,8 +139,8 @@ def run_one(args, dcp_size: int) -> dict:
         "loaded_back_tokens": counts.loaded_back_tokens, "prefetched_tokens": counts.prefetched_tokens,
         "evicted_tokens": counts.evicted_tokens,
         "cached_fraction_by_turn": [
-            sum(r["cached_tokens"] for r in records if r["turn"] == t) / sum(r["prompt_tokens"] for r in records if r["turn"] == t)
-            for t in range(args.turns)],
+            sum(r["cached_tokens"] for r in turn) / sum(r["prompt_tokens"] for r in turn)
+            for turn in ([r for r in records if r["turn"] == t] for t in range(args.turns))],
     }  # fmt: skip
 
 

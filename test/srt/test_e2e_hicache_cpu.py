@@ -21,8 +21,8 @@ Cases, spreading HiCache's settings over the DCP configurations (each against dc
 tp 2 / dcp 2 with SGLang's default layout ``page_first`` (kernel I/O) and ``write_through``,
 both ``--dcp-comm``; tp 4 / dcp 4 with ``page_first_direct`` (direct I/O) and
 ``write_through_selective``, prefetching ``best_effort`` (L3 hits after the flush are then
-whatever the prefetch finished before the request ran: not required), both ``--dcp-comm``; tp 2 / dcp 2 at page size 16 (a logical page
-of 32) with ``layer_first`` (direct I/O) and the ``timeout`` prefetch policy. dcp 1 runs at
+whatever the prefetch finished before the request ran: not required), both ``--dcp-comm``;
+tp 2 / dcp 2 at page size 16 (a logical page of 32) with ``layer_first`` (direct I/O) and the ``timeout`` prefetch policy. dcp 1 runs at
 page size 1 (at a page > 1 SGLang's paged allocator launches Triton on CPU), so the page 16
 run is compared on its greedy requests and its host tier with D x the pool SGLang builds for
 dcp 1 at page 16 (its rounding to whole pages). One engine without HiCache per TP size serves

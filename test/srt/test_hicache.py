@@ -22,7 +22,8 @@ from sglang.srt.mem_cache.utils import get_hash_str
 from sglang_dcp.hicache import attach_storage_to_stripes, storage_model_name
 from sglang_dcp.hooks import HOOKS, active_hooks
 from sglang_dcp.mem_cache.allocator import DCPTokenToKVPoolAllocator
-from sglang_dcp.mem_cache.host_pool import StripedHostPool, host_slot_leak
+from sglang_dcp.mem_cache.host_pool import StripedHostPool, host_pool_class_with_dcp, host_slot_leak
+from sglang_dcp.server_args import DCPConfigError
 from sglang_dcp.mem_cache.layout import local_page_rows, local_slot_rows
 from sglang_dcp.test import hicache_cpu
 
@@ -61,6 +62,12 @@ def test_mode_off_unless_set(monkeypatch):
     assert active_hooks() == HOOKS
     monkeypatch.setenv(hicache_cpu.ENV, "1")
     assert active_hooks() == HOOKS + hicache_cpu.HOOKS
+
+
+def test_mode_refuses_other_devices():
+    message = f"^{hicache_cpu.ENV}=1 replaces HiCache's CUDA copies for CPU tests; unset it for --device cuda.$"
+    with pytest.raises(DCPConfigError, match=message):
+        hicache_cpu.check_cpu_hicache_args(None, types.SimpleNamespace(device="cuda"))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -183,6 +190,11 @@ def test_striped_backup_load_and_l3_pages(layout, dcp, page):
         for layer in range(LAYERS):
             host.load_to_device_per_layer(device, slots, again, layer, "direct")
     assert group.holds(again, src)
+
+
+def test_dcp1_keeps_sglangs_host_pool():
+    """Without a DCP group (dcp 1) the hook hands back SGLang's class itself."""
+    assert host_pool_class_with_dcp(lambda pool: MHATokenToKVPoolHost, device_pool(ROWS, 1)) is MHATokenToKVPoolHost
 
 
 def test_copies_refuse_slots_that_are_not_whole_pages():

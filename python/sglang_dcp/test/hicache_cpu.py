@@ -39,7 +39,9 @@ def check_cpu_hicache_args(_result, server_args) -> None:
     from sglang_dcp.hooks import require_hooks_applied
 
     if server_args.device != "cpu":
-        raise DCPConfigError(f"{ENV}=1 replaces HiCache's CUDA copies for CPU tests; unset it for --device {server_args.device}.")
+        raise DCPConfigError(
+            f"{ENV}=1 replaces HiCache's CUDA copies for CPU tests; unset it for --device {server_args.device}."
+        )
     require_hooks_applied()
     logger.warning("%s=1 (test mode): HiCache's host pool unpinned, its copies in PyTorch", ENV)
 
