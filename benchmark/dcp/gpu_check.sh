@@ -34,6 +34,10 @@
 #            parts, to run at once (NGRAM and EAGLE chains; EAGLE3; EAGLE topk 4 and STANDALONE;
 #            page 16), e.g. with e2e-spec-dcp4 on one GPU:
 #            bash benchmark/dcp/gpu_check.sh e2e-spec-chains+e2e-spec-eagle3+e2e-spec-trees+e2e-spec-page16+e2e-spec-dcp4
+#   e2e-hicache  test/srt/gpu/test_e2e_hicache_gpu.py at tp=2: HiCache (SGLang's host-pool copy
+#            kernels, kernel and direct I/O, layouts page_first, layer_first, page_first_direct,
+#            L3 file storage) under dcp 2 vs dcp 1 with the same settings and vs no HiCache
+#   e2e-hicache-dcp4  the same at tp=4, dcp 4                                 (4 GPUs)
 #   http     benchmark/dcp/http_check.py: launch_server --tp 2 --dcp 2, /generate,
 #            /v1/completions, sglang.bench_serving, once per --dcp-comm
 #   soak     benchmark/dcp/soak.py --device cuda: SOAK_REQUESTS (1000) requests to a dcp 1 server
@@ -55,13 +59,14 @@ export DCP_COMM=${DCP_COMM:-a2a,lse}
 
 declare -A GPUS_NEEDED=([kernels]=1 [e2e-tp2]=2 [e2e-tp4]=4 [e2e-dcp4]=4 [e2e-llama]=2 [e2e-fp8]=2
                         [e2e-moe]=2 [e2e-pressure]=2 [e2e-spec]=2 [e2e-spec-dcp4]=4 [e2e-spec-chains]=2
-                        [e2e-spec-eagle3]=2 [e2e-spec-trees]=2 [e2e-spec-page16]=2 [http]=2 [soak]=2)
+                        [e2e-spec-eagle3]=2 [e2e-spec-trees]=2 [e2e-spec-page16]=2 [e2e-hicache]=2
+                        [e2e-hicache-dcp4]=4 [http]=2 [soak]=2)
 declare -A E2E_CASES=([e2e-tp2]=tp2-kv1 [e2e-tp4]=tp4-kv2 [e2e-dcp4]=tp4-kv1-dcp4 [e2e-llama]=llama
                       [e2e-moe]=qwen3moe [e2e-fp8]=fp8-kv [e2e-pressure]=memory_pressure
                       [e2e-spec]="not dcp4" [e2e-spec-dcp4]=dcp4 [e2e-spec-chains]="ngram or eagle-topk1"
                       [e2e-spec-eagle3]=eagle3
                       [e2e-spec-trees]="(eagle-topk4 and not page16 and not dcp4) or standalone"
-                      [e2e-spec-page16]=page16)
+                      [e2e-spec-page16]=page16 [e2e-hicache]="not dcp4" [e2e-hicache-dcp4]=dcp4)
 
 visible_gpus() {  # CUDA_VISIBLE_DEVICES' count where set (a part of an A+B stage), else all
   if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then tr ',' '\n' <<< "$CUDA_VISIBLE_DEVICES" | wc -l
@@ -99,6 +104,7 @@ run_one() {  # one stage by name
         e2e-*)
           local test_file=test/srt/gpu/test_e2e_gpu.py
           [[ $1 == e2e-spec* ]] && test_file=test/srt/gpu/test_e2e_speculative_gpu.py
+          [[ $1 == e2e-hicache* ]] && test_file=test/srt/gpu/test_e2e_hicache_gpu.py
           DCP_RESULTS_DIR=$WORK run_stage "$1" python3 -m pytest -q -s -p no:cacheprovider \
             "$test_file" -k "${E2E_CASES[$1]}" --junitxml "$WORK/$1.xml"
           ;;
@@ -152,7 +158,7 @@ run_parts() {  # A+B...: at once on GPU pairs, or all on GPU 0 (shared) on a 1-G
 
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(install kernels e2e-tp2 e2e-tp4 e2e-dcp4 e2e-llama e2e-moe e2e-fp8 e2e-pressure
-                                   e2e-spec e2e-spec-dcp4 http soak summary)
+                                   e2e-spec e2e-spec-dcp4 e2e-hicache e2e-hicache-dcp4 http soak summary)
 
 for stage in "${stages[@]}"; do
   case $stage in

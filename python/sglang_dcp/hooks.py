@@ -29,7 +29,9 @@ from sglang_dcp.layers.attention.registry import (
     create_dcp_draft_decode_backend,
     create_dcp_draft_extend_backend,
 )
+from sglang_dcp.hicache import attach_storage_to_stripes
 from sglang_dcp.mem_cache.allocator import check_replicas_at_idle
+from sglang_dcp.mem_cache.host_pool import host_pool_class_with_dcp
 from sglang_dcp.mem_cache.kv_move import move_kv_in_group
 from sglang_dcp.model_executor.group_heads import (
     at_tp_shapes,
@@ -151,7 +153,12 @@ HOOKS = (
     Hook("sglang.srt.models.utils.enable_fused_set_kv_buffer", no_fused_kv_store_with_dcp,
          HookType.AROUND, "no fused RoPE + KV store under DCP"),
     Hook("sglang.srt.managers.scheduler.Scheduler.on_idle", check_allocator_replicas_after_idle,
-         HookType.AFTER, "DCP ranks' allocator replicas agree at idle"),
+         HookType.AFTER, "DCP ranks' allocator replicas agree at idle (device and host)"),
+    Hook("sglang.srt.mem_cache.memory_pool_host.get_mha_host_pool_cls", host_pool_class_with_dcp,
+         HookType.AROUND, "HiCache: each rank's host pool holds its stripe of the logical slots"),
+    Hook("sglang.srt.managers.cache_controller.HiCacheController.attach_storage_backend",
+         attach_storage_to_stripes, HookType.AROUND,
+         "HiCache L3: file only, keys salted by DCP size and physical page"),
 )
 
 
@@ -159,6 +166,7 @@ HOOKS = (
 TEST_MODES = {
     "SGLANG_DCP_SHARED_GPU": "sglang_dcp.test.shared_gpu",
     "SGLANG_DCP_TEST_CPU_SPECULATION": "sglang_dcp.test.speculative_cpu",
+    "SGLANG_DCP_TEST_CPU_HICACHE": "sglang_dcp.test.hicache_cpu",
 }
 
 

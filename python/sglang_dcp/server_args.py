@@ -19,6 +19,7 @@ from sglang.srt.configs.model_config import ModelConfig
 from sglang.srt.model_executor.cuda_graph_config import Backend
 from sglang.srt.utils import get_device
 
+from sglang_dcp.hicache import hicache_refusal
 from sglang_dcp.speculative import (
     DRAFT_MODEL_ALGORITHMS,
     speculative_graph_refusal,
@@ -133,7 +134,6 @@ class DCPServerArgs(sglang_server_args.ServerArgs):
         unsupported = {
             "--enable-dp-attention": self.enable_dp_attention,
             "--pp-size > 1": self.pp_size > 1,
-            "--enable-hierarchical-cache": self.enable_hierarchical_cache,
             "--enable-lmcache": self.enable_lmcache,
             "--enable-hisparse": self.enable_hisparse,
             "--disaggregation-mode": self.disaggregation_mode != "null",
@@ -153,6 +153,7 @@ class DCPServerArgs(sglang_server_args.ServerArgs):
         }
         refused = [flag for flag, is_set in unsupported.items() if is_set]
         refused.append(speculative_refusal(self))
+        refused.append(hicache_refusal(self))
         for flag in refused:
             if flag is not None:
                 raise DCPConfigError(

@@ -1,6 +1,6 @@
-"""The DCP group, its collectives and the allocator-replica check on gloo, with 2 and 4
-processes (CPU); a rank that never reaches the replica check makes it fail within its
-timeout."""
+"""The DCP group, its collectives and the allocator-replica check (device allocator and
+HiCache's striped host pool) on gloo, with 2 and 4 processes (CPU); a rank that never reaches
+the replica check makes it fail within its timeout."""
 
 import math
 import time
@@ -62,6 +62,22 @@ def worker(rank, group, world, dcp):
             alloc.free_pages = diverge(alloc.free_pages)
         message = replica_disagreement(alloc, group)
         assert message is not None and "replicas disagree" in message, message
+
+    # HiCache: the striped host pool takes D and the rank from the DCP group; the host pools'
+    # free counts must agree too (not which slots: each rank's host rows are its own)
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+    from sglang.srt.mem_cache.memory_pool_host import MHATokenToKVPoolHost
+
+    from sglang_dcp.mem_cache.host_pool import StripedHostPool
+
+    device = MHATokenToKVPool(64, 2, torch.float32, 1, 4, 1, "cpu", False)
+    host = StripedHostPool.build(MHATokenToKVPoolHost, device, 2.0, 0, 2 * dcp, "page_first", pin_memory=False)
+    assert (host.dcp_size, host.dcp_rank, host.page_size, host.size) == (dcp, r, 2 * dcp, 130 * dcp)
+    assert replica_disagreement(allocator(), group, host) is None
+    if r == dcp - 1:
+        host.alloc(2 * dcp)
+    message = replica_disagreement(allocator(), group, host)
+    assert message is not None and f"host available={130 * dcp - 2 * dcp}" in message, message
 
 
 def late_rank_worker(rank, group, check_timeout_s, done):

@@ -10,8 +10,6 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 PAGES = sorted(
     [REPO / "README.md", *(REPO / "docs").glob("*.md"), *(REPO / "benchmark" / "dcp").glob("*.md")]
 )
-# Pages the README already lists that other branches add (issue 26); drop each once it is merged.
-PAGES_ON_OTHER_BRANCHES = {"docs/hicache.md"}
 
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 CODE = re.compile(r"^(```.*?^```|    .*?)$", re.M | re.S)
@@ -47,8 +45,6 @@ def test_relative_links_resolve(page):
             continue  # https:, mailto:
         path, _, anchor = target.partition("#")
         file = (page.parent / path).resolve() if path else page
-        if str(file.relative_to(REPO)) in PAGES_ON_OTHER_BRANCHES and not file.exists():
-            continue
         if not file.exists():
             broken.append(f"{target}: no such file")
         elif anchor and file.suffix == ".md" and anchor not in heading_ids(file):

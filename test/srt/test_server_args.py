@@ -173,7 +173,6 @@ REJECTED_FLAGS_ON_CPU = [
     # Features DCP does not combine with; checked before SGLang's own __post_init__.
     _flag("--enable-dp-attention --dp-size 2", "--enable-dp-attention is not supported"),
     _flag("--pp-size 2", "--pp-size > 1 is not supported with --dcp-size 2"),
-    _flag("--enable-hierarchical-cache", "--enable-hierarchical-cache is not supported"),
     _flag("--enable-lmcache", "--enable-lmcache is not supported"),
     _flag("--enable-hisparse", "--enable-hisparse is not supported"),
     _flag("--disaggregation-mode prefill", "--disaggregation-mode is not supported"),
@@ -231,6 +230,43 @@ REJECTED_MODELS = [
     pytest.param("loopcoder", "", "IQuestLoopCoderForCausalLM: its layers read another layer's KV",
                  id="loopcoder-k-none"),
 ]  # fmt: skip
+
+
+# HiCache settings DCP does not run, added to --tp 2 --dcp 2 --enable-hierarchical-cache:
+# (flags, phrase of the message).
+REJECTED_HICACHE = [
+    _flag("--hicache-mem-layout page_head", "--hicache-mem-layout page_head (DCP runs layer_first, "
+          "page_first, page_first_direct) is not supported with --dcp-size 2"),
+    _flag("--hicache-mem-layout page_first_kv_split", "--hicache-mem-layout page_first_kv_split (DCP runs"),
+    _flag("--hicache-io-backend kernel_ascend --hicache-mem-layout page_first_direct",
+          "--hicache-io-backend kernel_ascend (DCP runs kernel, direct) is not supported"),
+    *(_flag(f"--hicache-storage-backend {backend}", f"--hicache-storage-backend {backend} (DCP runs file)")
+      for backend in ("mooncake", "hf3fs", "nixl", "aibrix", "dynamic", "eic", "simm")),
+    _flag("--hicache-write-policy write_back", "--hicache-write-policy write_back (SGLang 0.5.14 miscounts"),
+    _flag("--speculative-algorithm NGRAM", "--enable-hierarchical-cache with --speculative-algorithm is "
+          "not supported with --dcp-size 2"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("flags, phrase", REJECTED_HICACHE)
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_rejected_hicache(models, flags, phrase, device):
+    assert phrase in rejection(models, "gqa1", f"--tp 2 --dcp 2 --enable-hierarchical-cache {flags}", device)
+
+
+@pytest.mark.parametrize("flags, layout, io_backend", [
+    ("", "page_first", "kernel"),
+    ("--hicache-mem-layout layer_first", "layer_first", "kernel"),
+    ("--hicache-mem-layout layer_first --hicache-io-backend direct", "layer_first", "direct"),
+    ("--hicache-mem-layout page_first_direct", "page_first_direct", "direct"),  # SGLang picks direct I/O
+    ("--hicache-io-backend direct", "page_first_direct", "direct"),  # SGLang's own rewrite
+    ("--hicache-storage-backend file --hicache-size 2", "page_first", "kernel"),
+    ("--hicache-write-policy write_through_selective --hicache-ratio 3", "page_first", "kernel"),
+])  # fmt: skip
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_accepted_hicache(models, flags, layout, io_backend, device):
+    args = parse(models, "gqa1", f"--tp 2 --dcp 2 --enable-hierarchical-cache {flags}", device)
+    assert (args.hicache_mem_layout, args.hicache_io_backend, args.page_size) == (layout, io_backend, 2)
 
 
 @pytest.mark.parametrize("model, flags, phrase", REJECTED_SIZES)

@@ -24,6 +24,7 @@ from sglang.srt.utils import get_num_new_pages, next_power_of_2
 from sglang.srt.utils.common import raise_error_or_warn
 
 from sglang_dcp.distributed.parallel_state import get_replica_check_group
+from sglang_dcp.mem_cache.host_pool import host_slot_leak, striped_host_pool
 
 logger = logging.getLogger(__name__)
 
@@ -135,11 +136,17 @@ def free_pages_digest(allocator: PagedTokenToKVPoolAllocator) -> torch.Tensor:
     ])
 
 
-def replica_disagreement(allocator: PagedTokenToKVPoolAllocator, group: GroupCoordinator) -> Optional[str]:
-    """All-gather ``free_pages_digest`` over the DCP group's replica-check group; ``None`` if
-    every rank holds the same, else a message with each rank's digest. Raises if a rank does
-    not arrive within the group's timeout (``parallel_state.REPLICA_CHECK_TIMEOUT_S``)."""
+def replica_disagreement(
+    allocator: PagedTokenToKVPoolAllocator, group: GroupCoordinator, host_pool=None
+) -> Optional[str]:
+    """All-gather ``free_pages_digest`` (and, with HiCache's striped ``host_pool``, its count of
+    free host slots) over the DCP group's replica-check group; ``None`` if every rank holds the
+    same, else a message with each rank's digest. Raises if a rank does not arrive within the
+    group's timeout (``parallel_state.REPLICA_CHECK_TIMEOUT_S``). A rank's host slots are its
+    own storage, so only their number must agree (the same decisions ahead), not which."""
     digest = free_pages_digest(allocator)
+    if host_pool is not None:
+        digest = torch.cat([digest, torch.tensor([host_pool.available_size()], dtype=torch.int64)])
     gathered = [torch.empty_like(digest) for _ in range(group.world_size)]
     try:
         torch.distributed.all_gather(gathered, digest, group=get_replica_check_group())
@@ -152,6 +159,7 @@ def replica_disagreement(allocator: PagedTokenToKVPoolAllocator, group: GroupCoo
         return None
     per_rank = ", ".join(
         f"rank {rank}: available={int(d[0])} checksums=({int(d[1])}, {int(d[2])})"
+        + (f" host available={int(d[3])}" if host_pool is not None else "")
         for rank, d in zip(group.ranks, gathered)
     )
     return f"DCP allocator replicas disagree at idle (the KV slots of some rank are leaked or reused): {per_rank}"
@@ -163,14 +171,16 @@ _checked_at_forward_ct: Optional[int] = None
 def check_replicas_at_idle(scheduler, group: GroupCoordinator) -> None:
     """Once per idle period (the first fully idle loop after a forward pass; every rank of
     the group reaches it in the same iteration), require the DCP group's allocator replicas
-    to agree. Strict like SGLang's idle memory check (``SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE``):
-    raises, else warns."""
+    to agree (and, with HiCache, no host slot to have leaked). Strict like SGLang's idle
+    memory check (``SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE``): raises, else warns."""
     global _checked_at_forward_ct
     if scheduler.forward_ct == _checked_at_forward_ct or not scheduler.is_fully_idle():
         return
     first = _checked_at_forward_ct is None
     _checked_at_forward_ct = scheduler.forward_ct
-    message = replica_disagreement(scheduler.token_to_kv_pool_allocator, group)
+    tree_cache = scheduler.tree_cache
+    message = replica_disagreement(scheduler.token_to_kv_pool_allocator, group, striped_host_pool(tree_cache))
+    message = message or host_slot_leak(tree_cache)
     if message is not None:
         raise_error_or_warn(
             scheduler.invariant_checker,

@@ -52,3 +52,12 @@ def local_slot_rows(slots: torch.Tensor, dcp_size: int, dcp_rank: int) -> torch.
     """Physical rows of the logical ``slots`` that live on ``dcp_rank``, in their order (any
     slots, e.g. a draft branch's, whose positions need not follow the request's layout)."""
     return physical_row(slots[owner_rank(slots, dcp_size) == dcp_rank], dcp_size)
+
+
+def local_page_rows(slots: torch.Tensor, dcp_size: int, dcp_rank: int) -> torch.Tensor:
+    """Physical rows of ``dcp_rank`` among ``slots`` made of whole logical pages (runs of
+    ``P * D`` slots from a multiple of ``P * D``, as the paged allocators and the radix cache
+    hand them out), in their order: ``slots.view(-1, D)[:, rank] // D``. Every ``D``-th slot is
+    the rank's, so no mask selects them and no device value is read (``local_slot_rows``
+    takes any slots, with a mask). Rows of one logical page fill one physical page."""
+    return physical_row(slots.reshape(-1, dcp_size)[:, dcp_rank], dcp_size)

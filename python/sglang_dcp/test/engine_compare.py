@@ -20,6 +20,7 @@ import random
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from typing import Dict, List, Optional, Tuple
 
@@ -41,6 +42,8 @@ class Batch:
     # Abort each request (SGLang's abort_request by rid) once it has streamed this many tokens;
     # what an aborted request returned depends on timing, so ``compare`` leaves it out.
     abort_after_tokens: Optional[int] = None
+    # Flush the cache (SGLang's flush_cache: device and host tiers, not L3 storage) before it.
+    flush_cache_before: bool = False
 
 
 @dataclasses.dataclass
@@ -52,6 +55,9 @@ class RequestResult:
     greedy: bool  # temperature 0
     num_retractions: int = 0  # times the scheduler retracted it (decode out of KV memory)
     cached_tokens: int = 0  # prompt tokens found in the radix cache
+    # HiCache: of those, the tokens loaded back from the host tier and prefetched from L3 storage
+    cached_tokens_host: int = 0
+    cached_tokens_storage: int = 0
     # Speculative decoding: verify passes, and how many of them accepted 0, 1, ... drafts
     spec_verify_ct: int = 0
     spec_accept_histogram: List[int] = dataclasses.field(default_factory=list)
@@ -62,8 +68,9 @@ class RequestResult:
 class SchedulerCounts:
     """What SGLang's scheduler did over one engine's life.
 
-    With ``enable_metrics``: requests retracted and tokens evicted from the radix cache,
-    SGLang's Prometheus counters of the TP-rank-0 scheduler. For a scenario with a batch
+    With ``enable_metrics``: requests retracted and tokens evicted from the radix cache (and,
+    with HiCache, loaded back and the host capacity), SGLang's Prometheus metrics of the
+    TP-rank-0 scheduler. For a scenario with a batch
     sent ``while_previous_decodes``: the fewest tokens that a request sent before the last
     such batch streamed while that batch prefilled (from sending it to the first token of
     each of its requests). SGLang runs a chunked prefill without decode steps unless it
@@ -76,6 +83,15 @@ class SchedulerCounts:
     retracted_requests: int = 0
     evicted_tokens: int = 0
     decoded_while_prefilling: int = 0
+    # With HiCache and ``enable_metrics``: tokens loaded back from host to device, written to and
+    # prefetched from L3 storage, and the host tier's logical capacity (SGLang's gauge
+    # ``hicache_host_total_tokens``). SGLang 0.5.14's per-request ``cached_tokens_details``
+    # counts a prefetch as host hits where the request waits a round after it (its
+    # ``pop_prefetch_loaded_tokens`` is read once, then 0), so L3 hits are counted here.
+    loaded_back_tokens: int = 0
+    stored_tokens: int = 0
+    prefetched_tokens: int = 0
+    host_capacity: int = 0
 
 
 @dataclasses.dataclass
@@ -172,11 +188,77 @@ def pressure_scenario(vocab_size: int, num_prompts: int, max_new_tokens: int, se
             Batch(replay, greedy, top_logprobs_num=top_logprobs_num)]
 
 
+def hicache_scenario(vocab_size: int, num_prompts: int, prompt_lengths: Tuple[int, int], max_new_tokens: int,
+                     seed: int = 0, top_logprobs_num: int = 5) -> List[Batch]:
+    """For HiCache, a working set of ``num_prompts`` greedy prompts (lengths drawn from
+    ``prompt_lengths``) revisited: the first half, then the second (evicting the first's
+    prefixes from the device), then the second half extended (the latest prefixes: device and
+    host hits) and the first half extended (older ones: host hits, or L3 prefetches where the
+    host tier evicted them too); seeded sampling of three fresh prompts that fit one prefill
+    batch (SGLang 0.5.14 samples a batch from one random stream, so sampled tokens agree where
+    the batches do, and no cache hit changes these); the second half extended with requests
+    aborted mid-decode, then again; after ``flush_cache`` (device and host tiers emptied) the
+    first half extended again (L3 storage hits, where a storage backend is set)."""
+    rng = random.Random(seed)
+    prompts = [random_ids(rng, rng.randint(*prompt_lengths), vocab_size) for _ in range(num_prompts)]
+    first, second = prompts[: num_prompts // 2], prompts[num_prompts // 2:]
+
+    def extended(group, n):
+        return [p + random_ids(rng, n, vocab_size) for p in group]
+
+    greedy = {"max_new_tokens": max_new_tokens, "temperature": 0.0}
+    sampled = {"max_new_tokens": max_new_tokens, "temperature": 0.8, "sampling_seed": 1234}
+    fresh = [random_ids(rng, n, vocab_size) for n in (5, 21, 30)]
+    kw = dict(top_logprobs_num=top_logprobs_num)
+    return [Batch(first, greedy, **kw), Batch(second, greedy, **kw), Batch(extended(second, 5), greedy, **kw),
+            Batch(extended(first, 5), greedy, **kw), Batch(fresh, sampled, **kw),
+            Batch(extended(second, 3), greedy, abort_after_tokens=2, **kw), Batch(extended(second, 7), greedy, **kw),
+            Batch(extended(first, 11), greedy, flush_cache_before=True, **kw)]
+
+
+def hicache_settings(layout: str, io_backend: str, write_policy: str, prefetch_policy: str, ratio: float,
+                     prefetch_threshold: int = 32) -> Dict:
+    """Engine arguments of HiCache with an L3 ``file`` store (its folder: the environment's
+    ``SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR``), prefetching prompts of ``prefetch_threshold``
+    tokens and more."""
+    return dict(enable_hierarchical_cache=True, hicache_ratio=ratio, hicache_mem_layout=layout,
+                hicache_io_backend=io_backend, hicache_write_policy=write_policy, hicache_storage_backend="file",
+                hicache_storage_prefetch_policy=prefetch_policy,
+                hicache_storage_backend_extra_config=json.dumps({"prefetch_threshold": prefetch_threshold}))  # fmt: skip
+
+
+def hicache_figures(engine_run: "EngineRun", scenario: List[Batch]) -> Dict:
+    """What HiCache did in ``engine_run`` (``SchedulerCounts``), and the prompt tokens that the
+    requests of the scenario's last batch, sent after ``flush_cache``, found cached (only L3
+    held them)."""
+    c = engine_run.counts
+    after_flush = engine_run.results[-len(scenario[-1].input_ids):]
+    return {"host_capacity": c.host_capacity, "evicted_tokens": c.evicted_tokens,
+            "loaded_back_tokens": c.loaded_back_tokens, "stored_tokens": c.stored_tokens,
+            "prefetched_tokens": c.prefetched_tokens, "cached_after_flush": sum(r.cached_tokens for r in after_flush),
+            "aborted": sum(r.aborted for r in engine_run.results)}  # fmt: skip
+
+
+def hicache_shortfalls(figures: Dict, reference: Dict, dcp_size: int) -> List[str]:
+    """What a DCP run's ``hicache_figures`` lack against dcp 1's with the same settings: the host
+    tier D x the logical tokens, device evictions, load-backs, L3 writes, L3 hits after the flush
+    and aborted requests, each more than 0."""
+    missing = [] if figures["host_capacity"] == dcp_size * reference["host_capacity"] > 0 else [
+        f"host capacity {figures['host_capacity']}, not {dcp_size} x {reference['host_capacity']}"]
+    names = ("evicted_tokens", "loaded_back_tokens", "stored_tokens", "cached_after_flush", "aborted")
+    return missing + [f"no {name.replace('_', ' ')}" for name in names if figures[name] <= 0]
+
+
 # Prometheus counters (names as sampled) -> SchedulerCounts fields
 _PROMETHEUS_COUNTERS = {
     "sglang:num_retracted_requests_total": "retracted_requests",
     "sglang:evicted_tokens_total": "evicted_tokens",
+    "sglang:load_back_tokens_total": "loaded_back_tokens",
+    "sglang:backuped_tokens_total": "stored_tokens",
+    "sglang:prefetched_tokens_total": "prefetched_tokens",
 }
+# Prometheus gauges (their latest value) -> SchedulerCounts fields
+_PROMETHEUS_GAUGES = {"sglang:hicache_host_total_tokens": "host_capacity"}
 
 
 @contextlib.contextmanager
@@ -199,19 +281,21 @@ def prometheus_dir(enabled: bool):
 
 
 def read_prometheus_counters(path: str, counts: SchedulerCounts) -> None:
-    """Add the counters of the TP-rank-0 scheduler to ``counts``. Every scheduler process
-    writes its own counter file and counts the same events (the TP ranks schedule the same
-    batches, each with its own copy of the radix cache); the rank-0 file is the one whose
-    scheduler metrics are labelled ``tp_rank="0"``."""
+    """Add the counters of the TP-rank-0 scheduler to ``counts`` and set its gauges. Every
+    scheduler process writes its own metric files and counts the same events (the TP ranks
+    schedule the same batches, each with its own copy of the radix cache); the rank-0 files
+    are those whose scheduler metrics are labelled ``tp_rank="0"``."""
     from prometheus_client.multiprocess import MultiProcessCollector
 
-    for file in glob.glob(os.path.join(path, "counter_*.db")):
+    for file in glob.glob(os.path.join(path, "counter_*.db")) + glob.glob(os.path.join(path, "gauge_*.db")):
         samples = [s for metric in MultiProcessCollector.merge([file]) for s in metric.samples]
         if any(s.labels.get("tp_rank") == "0" for s in samples):
             for sample in samples:
                 if sample.name in _PROMETHEUS_COUNTERS:
                     field = _PROMETHEUS_COUNTERS[sample.name]
                     setattr(counts, field, getattr(counts, field) + int(sample.value))
+                elif sample.name in _PROMETHEUS_GAUGES and sample.labels.get("tp_rank") == "0":
+                    setattr(counts, _PROMETHEUS_GAUGES[sample.name], int(sample.value))
 
 
 def request_result(out: Dict, batch: Batch) -> RequestResult:
@@ -226,6 +310,8 @@ def request_result(out: Dict, batch: Batch) -> RequestResult:
         greedy=batch.sampling_params.get("temperature", 1.0) == 0.0,
         num_retractions=meta["num_retractions"],
         cached_tokens=meta["cached_tokens"],
+        cached_tokens_host=(meta.get("cached_tokens_details") or {}).get("host", 0),
+        cached_tokens_storage=(meta.get("cached_tokens_details") or {}).get("storage", 0),
         spec_verify_ct=meta.get("spec_verify_ct", 0),
         spec_accept_histogram=list(meta.get("spec_correct_drafts_histogram") or []),
         aborted=(meta.get("finish_reason") or {}).get("type") == "abort",
@@ -287,6 +373,16 @@ async def generate_and_abort(engine, batch: Batch) -> List[Dict]:
     return await asyncio.gather(*(one(i, ids) for i, ids in enumerate(batch.input_ids)))
 
 
+def flush_cache(engine, timeout_s: float = 120) -> None:
+    """SGLang's ``flush_cache``, again until it succeeds: it refuses while anything is in flight
+    (with HiCache: write-backs, loads, L3 backups and prefetches)."""
+    deadline = time.monotonic() + timeout_s
+    while not engine.flush_cache().success:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"flush_cache did not succeed within {timeout_s} s")
+        time.sleep(0.2)
+
+
 def run_scenario(engine, scenario: List[Batch], counts: SchedulerCounts) -> List[RequestResult]:
     """Send ``scenario`` to a running ``engine``; the results of its requests, in order
     (``counts.decoded_while_prefilling`` set where a batch overlaps the one before)."""
@@ -298,6 +394,8 @@ def run_scenario(engine, scenario: List[Batch], counts: SchedulerCounts) -> List
         else:
             waves.append([batch])
     for wave in waves:
+        if wave[0].flush_cache_before:
+            flush_cache(engine)
         if len(wave) == 1 and wave[0].abort_after_tokens is not None:
             outputs = engine.loop.run_until_complete(generate_and_abort(engine, wave[0]))
         elif len(wave) == 1:
