@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 test: install
-	GSM8K_PATH=$(abspath $(GSM8K_PATH)) $(VENV)/bin/python -m pytest -v -p no:cacheprovider test/srt
+	GSM8K_PATH=$(abspath $(GSM8K_PATH)) $(VENV)/bin/python -m pytest -v -p no:cacheprovider --durations=40 test/srt
 
 demo: install
 	$(VENV)/bin/python benchmark/dcp/demo.py

@@ -307,6 +307,21 @@ def models(tmp_path_factory):
     }
 
 
+@pytest.mark.parametrize("eagle3", [False, True], ids=["eagle", "eagle3"])
+def test_draft_takes_the_target_dtype(tmp_path, eagle3):
+    """A draft in the target's dtype: a float32 draft of a bfloat16 target loads in float16
+    under ``dtype="auto"`` and fails at ``fc`` (met on the GPU, 2026-12-07)."""
+    from safetensors.torch import load_file
+    from sglang_dcp.test.models import write_dummy_gqa_model, write_random_eagle_draft
+    from transformers import AutoConfig
+
+    target = write_dummy_gqa_model(str(tmp_path / "target"), num_attention_heads=4, num_key_value_heads=1,
+                                   architecture="LlamaForCausalLM", torch_dtype="bfloat16")
+    draft = write_random_eagle_draft(str(tmp_path / "draft"), target, eagle3=eagle3)
+    assert AutoConfig.from_pretrained(draft).dtype == torch.bfloat16
+    assert {t.dtype for t in load_file(os.path.join(draft, "model.safetensors")).values()} == {torch.bfloat16}
+
+
 NGRAM_ARGS = """
 from sglang.srt.plugins import load_plugins
 load_plugins()

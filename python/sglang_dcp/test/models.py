@@ -156,9 +156,10 @@ def write_random_eagle_draft(
     path: str, target_path: str, *, eagle3: bool = False, aux_layer_ids=None, echo: bool = False, seed: int = 0
 ) -> str:
     """Write a one-layer EAGLE (``LlamaForCausalLMEagle``) or EAGLE3 (``LlamaForCausalLMEagle3``)
-    draft for the target model at ``target_path``: its config and seeded random float32 weights
-    (normal with the target's ``initializer_range``, norms at 1), in the checkpoint layout
-    SGLang's draft classes load.
+    draft for the target model at ``target_path``: its config and seeded random weights (normal
+    with the target's ``initializer_range``, norms at 1) in the target's dtype, in the checkpoint
+    layout SGLang's draft classes load. (A float32 draft of a bfloat16 target would load in
+    float16 under SGLang's ``dtype="auto"`` and fail at its first ``fc``.)
 
     The draft has the target's hidden size, heads, vocabulary and positions. EAGLE feeds
     ``fc([embedding, target hidden])`` to its layer and borrows the target's embedding and LM
@@ -195,7 +196,7 @@ def write_random_eagle_draft(
         vocab_size=target.vocab_size,
         max_position_embeddings=target.max_position_embeddings,
         **_CONFIG_COMMON,
-        dtype="float32",
+        dtype=target.dtype,
         **extra,
     )
     generator = torch.Generator().manual_seed(seed)
@@ -226,6 +227,7 @@ def write_random_eagle_draft(
     else:  # EAGLE's first layer has no input norm; it has no final norm
         head = {"fc.weight": random(hidden, 2 * hidden), "fc.bias": random(hidden)}
     weights = {f"layers.0.{name}": tensor for name, tensor in layer.items()} | head
+    weights = {name: tensor.to(config.dtype) for name, tensor in weights.items()}
 
     from safetensors.torch import save_file
 
