@@ -9,9 +9,9 @@ counts) disagree at idle raise in the scheduler and fail the run. Every engine h
 ``ROWS_PER_RANK`` device rows per rank and the same ``--hicache-ratio``, so a dcp D engine holds
 D x the logical tokens on device and on host, and an L3 ``file`` store of its own.
 
-The scenario (``engine_compare.hicache_scenario``): a working set of 12 prompts, over the
-device pool of every run, sent in two halves and revisited (device evictions, load-backs from
-the host tier, L3 prefetches where the host tier evicted too), seeded sampling, requests
+The scenario (``engine_compare.hicache_scenario``): seeded sampling on the empty pool, then a
+working set of 12 prompts, over the device pool of every run, sent in two halves and revisited
+(device evictions, load-backs from the host tier, L3 prefetches where the host tier evicted too), requests
 aborted mid-decode, and after ``flush_cache`` (device and host tiers emptied) prompts whose
 prefixes only L3 still holds. Each DCP run must give identical tokens (greedy and sampled) and
 top-5 logprobs within ``LOGPROB_TOL`` against both references, exactly D x the device and host

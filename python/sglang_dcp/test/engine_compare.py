@@ -190,15 +190,16 @@ def pressure_scenario(vocab_size: int, num_prompts: int, max_new_tokens: int, se
 
 def hicache_scenario(vocab_size: int, num_prompts: int, prompt_lengths: Tuple[int, int], max_new_tokens: int,
                      seed: int = 0, top_logprobs_num: int = 5) -> List[Batch]:
-    """For HiCache, a working set of ``num_prompts`` greedy prompts (lengths drawn from
+    """For HiCache: first, seeded sampling of three fresh prompts that fit one prefill batch
+    (SGLang 0.5.14 samples a batch from one random stream, so sampled tokens agree where the
+    batches do; sent to the empty pool, so that no eviction waiting on a host write splits the
+    batch); then a working set of ``num_prompts`` greedy prompts (lengths drawn from
     ``prompt_lengths``) revisited: the first half, then the second (evicting the first's
     prefixes from the device), then the second half extended (the latest prefixes: device and
     host hits) and the first half extended (older ones: host hits, or L3 prefetches where the
-    host tier evicted them too); seeded sampling of three fresh prompts that fit one prefill
-    batch (SGLang 0.5.14 samples a batch from one random stream, so sampled tokens agree where
-    the batches do, and no cache hit changes these); the second half extended with requests
-    aborted mid-decode, then again; after ``flush_cache`` (device and host tiers emptied) the
-    first half extended again (L3 storage hits, where a storage backend is set)."""
+    host tier evicted them too); the second half extended with requests aborted mid-decode,
+    then again; after ``flush_cache`` (device and host tiers emptied) the first half extended
+    again (L3 storage hits, where a storage backend is set)."""
     rng = random.Random(seed)
     prompts = [random_ids(rng, rng.randint(*prompt_lengths), vocab_size) for _ in range(num_prompts)]
     first, second = prompts[: num_prompts // 2], prompts[num_prompts // 2:]
@@ -210,8 +211,8 @@ def hicache_scenario(vocab_size: int, num_prompts: int, prompt_lengths: Tuple[in
     sampled = {"max_new_tokens": max_new_tokens, "temperature": 0.8, "sampling_seed": 1234}
     fresh = [random_ids(rng, n, vocab_size) for n in (5, 21, 30)]
     kw = dict(top_logprobs_num=top_logprobs_num)
-    return [Batch(first, greedy, **kw), Batch(second, greedy, **kw), Batch(extended(second, 5), greedy, **kw),
-            Batch(extended(first, 5), greedy, **kw), Batch(fresh, sampled, **kw),
+    return [Batch(fresh, sampled, **kw), Batch(first, greedy, **kw), Batch(second, greedy, **kw),
+            Batch(extended(second, 5), greedy, **kw), Batch(extended(first, 5), greedy, **kw),
             Batch(extended(second, 3), greedy, abort_after_tokens=2, **kw), Batch(extended(second, 7), greedy, **kw),
             Batch(extended(first, 11), greedy, flush_cache_before=True, **kw)]
 
