@@ -30,10 +30,11 @@
 #            EAGLE topk 1 and 4, page 1 and 16, EAGLE3, STANDALONE) under dcp 2 vs dcp 1 with the
 #            same settings and vs no speculation, eager
 #   e2e-spec-dcp4  the same for EAGLE topk 4 at tp=4, dcp 4                   (4 GPUs)
-#   e2e-spec-chains, e2e-spec-eagle3, e2e-spec-trees, e2e-spec-page16  e2e-spec's cases in four
-#            parts, to run at once (NGRAM and EAGLE chains; EAGLE3; EAGLE topk 4 and STANDALONE;
-#            page 16), e.g. with e2e-spec-dcp4 on one GPU:
-#            bash benchmark/dcp/gpu_check.sh e2e-spec-chains+e2e-spec-eagle3+e2e-spec-trees+e2e-spec-page16+e2e-spec-dcp4
+#   e2e-spec-ngram, e2e-spec-eagle-topk1, e2e-spec-eagle3, e2e-spec-eagle-topk4,
+#   e2e-spec-standalone, e2e-spec-page16  e2e-spec's cases one by one (about four eager engines
+#            each: its own no-speculation run, dcp 1, dcp 2 per --dcp-comm), to run at once, e.g.
+#            with e2e-spec-dcp4 on one GPU:
+#            bash benchmark/dcp/gpu_check.sh e2e-spec-ngram+e2e-spec-eagle-topk1+e2e-spec-eagle3+e2e-spec-eagle-topk4+e2e-spec-standalone+e2e-spec-page16+e2e-spec-dcp4
 #   e2e-hicache  test/srt/gpu/test_e2e_hicache_gpu.py at tp=2: HiCache (SGLang's host-pool copy
 #            kernels, kernel and direct I/O, layouts page_first, layer_first, page_first_direct,
 #            L3 file storage) under dcp 2 vs dcp 1 with the same settings and vs no HiCache
@@ -58,15 +59,16 @@ source benchmark/dcp/gpu_common.sh
 export DCP_COMM=${DCP_COMM:-a2a,lse}
 
 declare -A GPUS_NEEDED=([kernels]=1 [e2e-tp2]=2 [e2e-tp4]=4 [e2e-dcp4]=4 [e2e-llama]=2 [e2e-fp8]=2
-                        [e2e-moe]=2 [e2e-pressure]=2 [e2e-spec]=2 [e2e-spec-dcp4]=4 [e2e-spec-chains]=2
-                        [e2e-spec-eagle3]=2 [e2e-spec-trees]=2 [e2e-spec-page16]=2 [e2e-hicache]=2
+                        [e2e-moe]=2 [e2e-pressure]=2 [e2e-spec]=2 [e2e-spec-dcp4]=4 [e2e-spec-ngram]=2
+                        [e2e-spec-eagle-topk1]=2 [e2e-spec-eagle3]=2 [e2e-spec-eagle-topk4]=2
+                        [e2e-spec-standalone]=2 [e2e-spec-page16]=2 [e2e-hicache]=2
                         [e2e-hicache-dcp4]=4 [http]=2 [soak]=2)
 declare -A E2E_CASES=([e2e-tp2]=tp2-kv1 [e2e-tp4]=tp4-kv2 [e2e-dcp4]=tp4-kv1-dcp4 [e2e-llama]=llama
                       [e2e-moe]=qwen3moe [e2e-fp8]=fp8-kv [e2e-pressure]=memory_pressure
-                      [e2e-spec]="not dcp4" [e2e-spec-dcp4]=dcp4 [e2e-spec-chains]="ngram or eagle-topk1"
-                      [e2e-spec-eagle3]=eagle3
-                      [e2e-spec-trees]="(eagle-topk4 and not page16 and not dcp4) or standalone"
-                      [e2e-spec-page16]=page16 [e2e-hicache]="not dcp4" [e2e-hicache-dcp4]=dcp4)
+                      [e2e-spec]="not dcp4" [e2e-spec-dcp4]=dcp4 [e2e-spec-ngram]=ngram
+                      [e2e-spec-eagle-topk1]=eagle-topk1 [e2e-spec-eagle3]=eagle3
+                      [e2e-spec-eagle-topk4]="eagle-topk4 and not page16 and not dcp4"
+                      [e2e-spec-standalone]=standalone [e2e-spec-page16]=page16 [e2e-hicache]="not dcp4" [e2e-hicache-dcp4]=dcp4)
 
 visible_gpus() {  # CUDA_VISIBLE_DEVICES' count where set (a part of an A+B stage), else all
   if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then tr ',' '\n' <<< "$CUDA_VISIBLE_DEVICES" | wc -l
@@ -89,6 +91,9 @@ run_one() {  # one stage by name
     install) install_plugin ;;
     summary)
       python3 benchmark/dcp/gpu_summary.py "$WORK" "$OUT/gpu_check.json" "$(gpu_card)" "${DCP_COMMIT:-unknown}"
+      # the kernels compiled on this machine so far (FlashInfer's and SGLang's JIT), by size: what
+      # a fresh machine compiles again before its first engine runs
+      find "$HOME/.cache" -name '*.so' -printf '%s %TT %p\n' 2>/dev/null | sort -n > "$WORK/jit_cache.log"
       tar czf "$OUT/gpu_check_logs.tgz" -C "$WORK" $(cd "$WORK" && ls *.log 2>/dev/null)
       ;;
     *)
