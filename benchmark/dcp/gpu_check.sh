@@ -11,7 +11,8 @@
 #
 #   install  an offline SGLang 0.5.14 bundle (.device: the SGLang, sgl-kernel and FlashInfer
 #            wheels with their install.sh, for a GPU machine without network) into /tmp/site
-#            if missing, then this package, without network
+#            if missing, then this package, without network, then the FlashInfer kernels
+#            compiled ahead where carried (.carry/flashinfer-aot: flashinfer_prebuild.py)
 #   kernels  test/srt/gpu/test_gpu_kernels.py: Triton merge + index kernels, DCP partial
 #            attention + merge against float64 full attention (D = 2, 4; decode, extend, and the
 #            speculative verify tree and draft decode step); test_gpu_allocator.py: SGLang's

@@ -4,10 +4,15 @@ export WORK=${WORK:-/tmp/dcp_gpu_work}
 OUT=${OUT:-$WORK/out}
 mkdir -p "$WORK" "$OUT"
 
-install_plugin() {  # the SGLang 0.5.14 bundle (.device) into /tmp/site if missing, then this package
+install_plugin() {  # the SGLang 0.5.14 bundle (.device) into /tmp/site if missing, then this
+  # package, then FlashInfer kernels compiled ahead where carried (.carry/flashinfer-aot, from
+  # benchmark/dcp/flashinfer_prebuild.py build)
   [ -f /tmp/site/sgl_offline_env.py ] || bash .device/install.sh
   rm -rf build
   python3 -m pip install -q --no-deps --no-index --no-build-isolation --upgrade --target /tmp/site .
+  if [ -d .carry/flashinfer-aot ]; then
+    (setup_env && python3 benchmark/dcp/flashinfer_prebuild.py install --src .carry/flashinfer-aot)
+  fi
 }
 
 setup_env() {  # SITE (default /tmp/site) on PYTHONPATH, with the bundle's offline environment
