@@ -11,8 +11,9 @@ H200) and copies each ``.so`` to ``--out``; it needs no GPU. The link step wants
 the temporary folder from ``/usr/local/cuda``, with an empty ``libcuda.so.1`` stub, the GPU
 machine's driver providing the real one, and the headers of ``--extra-include``: cuRAND's,
 which fa3 and sampling include, from the ``nvidia-curand`` wheel's ``nvidia/cu13/include``).
-``install`` (on the GPU machine, after ``gpu_check.sh install``) copies them into the installed FlashInfer's AOT folder and loads each
-once, removing any that fails to load, so that FlashInfer compiles that one itself::
+``install`` (on the GPU machine, after ``gpu_check.sh install``) copies them into the installed
+FlashInfer's AOT folder and loads each once, removing any that fails to load, so that FlashInfer
+compiles that one itself::
 
     pip download --no-deps -d /tmp/curand "nvidia-curand>=10.4,<10.5" && unzip -q /tmp/curand/*.whl -d /tmp/curand
     python benchmark/dcp/flashinfer_prebuild.py build --extra-include /tmp/curand/nvidia/cu13/include  # here
@@ -23,7 +24,6 @@ import argparse
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from typing import Dict
@@ -87,12 +87,11 @@ def build(args) -> None:
 
 
 def install(args) -> None:
-    import flashinfer
     import tvm_ffi
+    from flashinfer.jit.env import FLASHINFER_AOT_DIR
 
-    aot = os.path.join(os.path.dirname(flashinfer.__file__), "data", "aot")
     for name in sorted(os.listdir(args.src)):
-        target = os.path.join(aot, name, f"{name}.so")
+        target = os.path.join(FLASHINFER_AOT_DIR, name, f"{name}.so")
         os.makedirs(os.path.dirname(target), exist_ok=True)
         shutil.copy(os.path.join(args.src, name, f"{name}.so"), target)
         try:
@@ -116,8 +115,11 @@ def main() -> None:
     i = sub.add_parser("install", help="into the installed FlashInfer's AOT folder (GPU machine)")
     i.add_argument("--src", default=".carry/flashinfer-aot")
     args = parser.parse_args()
-    build(args) if args.command == "build" else install(args)
+    if args.command == "build":
+        build(args)
+    else:
+        install(args)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

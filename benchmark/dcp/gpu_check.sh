@@ -69,7 +69,8 @@ declare -A E2E_CASES=([e2e-tp2]=tp2-kv1 [e2e-tp4]=tp4-kv2 [e2e-dcp4]=tp4-kv1-dcp
                       [e2e-spec]="not dcp4" [e2e-spec-dcp4]=dcp4 [e2e-spec-ngram]=ngram
                       [e2e-spec-eagle-topk1]=eagle-topk1 [e2e-spec-eagle3]=eagle3
                       [e2e-spec-eagle-topk4]="eagle-topk4 and not page16 and not dcp4"
-                      [e2e-spec-standalone]=standalone [e2e-spec-page16]=page16 [e2e-hicache]="not dcp4" [e2e-hicache-dcp4]=dcp4)
+                      [e2e-spec-standalone]=standalone [e2e-spec-page16]=page16 [e2e-hicache]="not dcp4"
+                      [e2e-hicache-dcp4]=dcp4)
 
 visible_gpus() {  # CUDA_VISIBLE_DEVICES' count where set (a part of an A+B stage), else all
   if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then tr ',' '\n' <<< "$CUDA_VISIBLE_DEVICES" | wc -l

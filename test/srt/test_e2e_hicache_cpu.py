@@ -11,8 +11,8 @@ D x the logical tokens on device and on host, and an L3 ``file`` store of its ow
 
 The scenario (``engine_compare.hicache_scenario``): seeded sampling on the empty pool, then a
 working set of 12 prompts, over the device pool of every run, sent in two halves and revisited
-(device evictions, load-backs from the host tier, L3 prefetches where the host tier evicted too), requests
-aborted mid-decode, and after ``flush_cache`` (device and host tiers emptied) prompts whose
+(device evictions, load-backs from the host tier, L3 prefetches where the host tier evicted
+too), requests aborted mid-decode, and after ``flush_cache`` (device and host tiers emptied) prompts whose
 prefixes only L3 still holds. Each DCP run must give identical tokens (greedy and sampled) and
 top-5 logprobs within ``LOGPROB_TOL`` against both references, exactly D x the device and host
 capacity, and device evictions, load-backs, L3 writes and hits after the flush (counts > 0).
